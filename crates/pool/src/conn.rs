@@ -1,0 +1,778 @@
+//! The pooled connection: a tokio-postgres client with the bookkeeping that
+//! keeps a connection in an unknown session state out of the pool.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error, Row, SimpleQueryMessage, Statement, ToStatement};
+
+use crate::pool::{Manager, Shared};
+use crate::sql;
+use crate::status::CloseReason;
+
+/// Session state: no transaction, nothing in flight.
+const IDLE: u8 = 0;
+/// Inside a transaction opened by [`PooledConnection::transaction`].
+const IN_TRANSACTION: u8 = 1;
+/// Might be inside a transaction: a statement that can open one ran, an
+/// error left the state unclear, or the raw client was used.
+const UNKNOWN: u8 = 2;
+
+/// The connection bb8 stores: the client plus creation time, lifetime
+/// deadline, last use, generation and the session-state flags.
+pub(crate) struct PgConnection {
+    pub(crate) client: Client,
+    pub(crate) created_at: Instant,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) last_used: Instant,
+    pub(crate) generation: u64,
+    pub(crate) cache_generation: u64,
+    state: AtomicU8,
+    in_flight: AtomicU32,
+    /// A helper transaction was dropped unfinished: roll it back before the
+    /// next statement on this checkout.
+    stale_transaction: AtomicBool,
+    pub(crate) close_reason: Option<CloseReason>,
+    statements: Mutex<HashMap<String, Statement>>,
+    shared: Arc<Shared>,
+}
+
+impl PgConnection {
+    pub(crate) fn new(
+        client: Client,
+        deadline: Option<Instant>,
+        generation: u64,
+        cache_generation: u64,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let now = Instant::now();
+        shared.stats.opened();
+        PgConnection {
+            client,
+            created_at: now,
+            deadline,
+            last_used: now,
+            generation,
+            cache_generation,
+            state: AtomicU8::new(IDLE),
+            in_flight: AtomicU32::new(0),
+            stale_transaction: AtomicBool::new(false),
+            close_reason: None,
+            statements: Mutex::new(HashMap::new()),
+            shared,
+        }
+    }
+
+    /// No transaction open, nothing in flight: fit to go back to the pool.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.state.load(Ordering::Acquire) == IDLE
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && !self.stale_transaction.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn has_statement_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// After a confirmed `ROLLBACK`/`COMMIT` with nothing else in flight.
+    pub(crate) fn mark_idle(&self) {
+        self.in_flight.store(0, Ordering::Release);
+        self.stale_transaction.store(false, Ordering::Release);
+        self.state.store(IDLE, Ordering::Release);
+    }
+
+    /// Rolls back (a round trip) when asked to or when the state is not
+    /// known-idle; the flags are cleared only once the server confirmed it.
+    /// tokio-postgres runs requests in order, so the `ROLLBACK` also runs
+    /// after anything a cancelled future left in flight.
+    async fn roll_back_if(&self, needed: bool) -> Result<(), Error> {
+        if !needed {
+            return Ok(());
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let result = self.client.batch_execute("ROLLBACK").await;
+        let others = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+        match &result {
+            Ok(()) if others == 0 => self.mark_idle(),
+            Ok(()) => self.stale_transaction.store(false, Ordering::Release),
+            Err(_) => self.mark_unknown(),
+        }
+        result
+    }
+
+    pub(crate) fn mark_unknown(&self) {
+        self.state.store(UNKNOWN, Ordering::Release);
+    }
+
+    pub(crate) fn clear_statement_cache(&mut self) {
+        lock(&self.statements).clear();
+        self.client.clear_type_cache();
+    }
+
+    /// Runs one request, keeping the flags: the in-flight count is raised
+    /// before the request is sent and lowered only when its result arrived,
+    /// so a future dropped in between leaves the connection flagged.
+    async fn run<T>(
+        &self,
+        may_change_transaction: bool,
+        request: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        self.roll_back_if(self.stale_transaction.load(Ordering::Acquire))
+            .await?;
+        if may_change_transaction {
+            self.mark_unknown();
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let result = request.await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = &result {
+            // A server error leaves the protocol in step and the transaction
+            // state as it was (aborted if one was open). Anything else
+            // (I/O, a closed socket, a row-count or conversion error that
+            // dropped a reply stream half-read) leaves it unclear.
+            if e.as_db_error().is_none() {
+                self.mark_unknown();
+            }
+        }
+        result
+    }
+
+    fn statement_may_change_transaction<T: ?Sized + StatementText>(&self, statement: &T) -> bool {
+        match statement.text() {
+            StatementRef::Sql(text) => sql::single_statement_may_change_transaction(text),
+            // Preparing a transaction-control statement already marked the
+            // connection (see `prepared`), and such statements are never cached.
+            StatementRef::Prepared => false,
+        }
+    }
+
+    /// A statement that controls transactions was prepared: whatever runs it
+    /// later, the session state can no longer be known.
+    fn prepared(&self, sql: &str) {
+        if sql::single_statement_may_change_transaction(sql) {
+            self.mark_unknown();
+        }
+    }
+}
+
+impl Drop for PgConnection {
+    fn drop(&mut self) {
+        let reason = self.close_reason.unwrap_or(CloseReason::Shutdown);
+        if self.has_statement_in_flight() && !self.client.is_closed() {
+            // A statement may still be running on the server: ask it to stop,
+            // so the backend does not hold locks after we hang up.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let token = self.client.cancel_token();
+                let tls = self.shared.tls.clone();
+                handle.spawn(async move {
+                    let _ = token.cancel_query(tls).await;
+                });
+            }
+        }
+        tracing::debug!(
+            node = %self.shared.label,
+            reason = reason.as_str(),
+            age = ?self.created_at.elapsed(),
+            "closing a pooled connection"
+        );
+        self.shared.stats.closed(reason);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a statement argument is, for the transaction-state check.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum StatementRef<'a> {
+    /// SQL text.
+    Sql(&'a str),
+    /// A prepared statement.
+    Prepared,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for str {}
+    impl Sealed for String {}
+    impl Sealed for tokio_postgres::Statement {}
+}
+
+/// A statement argument: SQL text (`&str`, `String`) or a [`Statement`].
+///
+/// Sealed; it lets the pool see whether a statement may open or close a
+/// transaction.
+pub trait StatementText: ToStatement + sealed::Sealed {
+    #[doc(hidden)]
+    fn text(&self) -> StatementRef<'_>;
+}
+
+impl StatementText for str {
+    fn text(&self) -> StatementRef<'_> {
+        StatementRef::Sql(self)
+    }
+}
+
+impl StatementText for String {
+    fn text(&self) -> StatementRef<'_> {
+        StatementRef::Sql(self)
+    }
+}
+
+impl StatementText for Statement {
+    fn text(&self) -> StatementRef<'_> {
+        StatementRef::Prepared
+    }
+}
+
+/// Isolation levels for [`TransactionOptions`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IsolationLevel {
+    /// `READ COMMITTED` (PostgreSQL's default).
+    ReadCommitted,
+    /// `REPEATABLE READ`.
+    RepeatableRead,
+    /// `SERIALIZABLE`.
+    Serializable,
+}
+
+/// How [`PooledConnection::transaction_with`] opens its transaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransactionOptions {
+    /// The isolation level; the server's default when `None`.
+    pub isolation: Option<IsolationLevel>,
+    /// `READ ONLY`.
+    pub read_only: bool,
+    /// `DEFERRABLE` (with `SERIALIZABLE` and `READ ONLY`).
+    pub deferrable: bool,
+}
+
+impl TransactionOptions {
+    /// The server's defaults: read-write, default isolation.
+    pub fn new() -> Self {
+        TransactionOptions::default()
+    }
+
+    /// Sets the isolation level.
+    pub fn isolation(mut self, level: IsolationLevel) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// Makes the transaction read-only.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Makes the transaction deferrable.
+    pub fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = deferrable;
+        self
+    }
+
+    fn begin_statement(&self) -> Cow<'static, str> {
+        if self.isolation.is_none() && !self.read_only && !self.deferrable {
+            return Cow::Borrowed("BEGIN");
+        }
+        let mut sql = String::from("BEGIN");
+        match self.isolation {
+            Some(IsolationLevel::ReadCommitted) => sql.push_str(" ISOLATION LEVEL READ COMMITTED"),
+            Some(IsolationLevel::RepeatableRead) => {
+                sql.push_str(" ISOLATION LEVEL REPEATABLE READ")
+            }
+            Some(IsolationLevel::Serializable) => sql.push_str(" ISOLATION LEVEL SERIALIZABLE"),
+            None => {}
+        }
+        if self.read_only {
+            sql.push_str(" READ ONLY");
+        }
+        if self.deferrable {
+            sql.push_str(" DEFERRABLE");
+        }
+        Cow::Owned(sql)
+    }
+}
+
+/// A connection checked out of a [`crate::Pool`] with [`crate::Pool::get`].
+///
+/// Dropping it returns the connection. It goes back to the pool only in a
+/// known idle state: no transaction open, no statement in flight. Otherwise
+/// (a future dropped mid-statement or mid-transaction, a panic, an error
+/// that leaves the state unclear, use of the raw client) it is rolled back
+/// first, off the caller's path, and closed if the rollback fails or takes
+/// longer than the pool's cleanup timeout. See `docs/pool.md`.
+pub struct PooledConnection {
+    pub(crate) conn: Option<bb8::PooledConnection<'static, Manager>>,
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) operation: Cow<'static, str>,
+    pub(crate) checked_out_at: Instant,
+    pub(crate) leak_key: Option<u64>,
+}
+
+impl fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("node", &self.shared.label)
+            .field("operation", &self.operation)
+            .field("held_for", &self.checked_out_at.elapsed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The query methods shared by [`PooledConnection`] and [`Transaction`].
+macro_rules! query_methods {
+    () => {
+        /// Prepares a statement (a round trip).
+        pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
+            let pg = self.pg();
+            pg.prepared(query);
+            let statement = pg.run(false, pg.client.prepare(query)).await?;
+            Ok(statement)
+        }
+
+        /// Prepares a statement with the given parameter types.
+        pub async fn prepare_typed(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
+            let pg = self.pg();
+            pg.prepared(query);
+            let statement = pg.run(false, pg.client.prepare_typed(query, types)).await?;
+            Ok(statement)
+        }
+
+        /// Prepares a statement once per connection and reuses it.
+        ///
+        /// With `query.prepared_statements = false` (behind a
+        /// transaction-mode pooler) nothing is cached. Caches are cleared by
+        /// [`crate::Pool::clear_statement_caches`].
+        pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
+            let pg = self.pg();
+            let cache =
+                pg.shared.cache_statements && !sql::single_statement_may_change_transaction(query);
+            if cache {
+                if let Some(statement) = lock(&pg.statements).get(query) {
+                    return Ok(statement.clone());
+                }
+            }
+            let statement = self.prepare(query).await?;
+            if cache {
+                lock(&pg.statements).insert(query.to_owned(), statement.clone());
+            }
+            Ok(statement)
+        }
+
+        /// Runs a statement and returns its rows.
+        pub async fn query<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Vec<Row>, Error>
+        where
+            T: ?Sized + StatementText,
+        {
+            let pg = self.pg();
+            let changes = pg.statement_may_change_transaction(statement);
+            pg.run(changes, pg.client.query(statement, params)).await
+        }
+
+        /// Runs a statement that returns exactly one row.
+        pub async fn query_one<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Row, Error>
+        where
+            T: ?Sized + StatementText,
+        {
+            let pg = self.pg();
+            let changes = pg.statement_may_change_transaction(statement);
+            pg.run(changes, pg.client.query_one(statement, params))
+                .await
+        }
+
+        /// Runs a statement that returns at most one row.
+        pub async fn query_opt<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<Option<Row>, Error>
+        where
+            T: ?Sized + StatementText,
+        {
+            let pg = self.pg();
+            let changes = pg.statement_may_change_transaction(statement);
+            pg.run(changes, pg.client.query_opt(statement, params))
+                .await
+        }
+
+        /// Runs a statement with explicitly typed parameters, without a
+        /// named prepared statement (one round trip; works behind
+        /// transaction-mode poolers).
+        pub async fn query_typed(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<Vec<Row>, Error> {
+            let pg = self.pg();
+            let changes = sql::single_statement_may_change_transaction(query);
+            pg.run(changes, pg.client.query_typed(query, params)).await
+        }
+
+        /// Runs a statement with explicitly typed parameters on the unnamed
+        /// statement (one round trip, no named prepared statement: works
+        /// behind transaction-mode poolers) and returns the number of rows it
+        /// affected.
+        pub async fn execute_typed(
+            &self,
+            query: &str,
+            params: &[(&(dyn ToSql + Sync), Type)],
+        ) -> Result<u64, Error> {
+            let pg = self.pg();
+            let changes = sql::single_statement_may_change_transaction(query);
+            let request = async {
+                let typed = params.iter().map(|(value, ty)| (*value, ty.clone()));
+                let stream = pg.client.query_typed_raw(query, typed).await?;
+                let mut stream = std::pin::pin!(stream);
+                while futures_util::TryStreamExt::try_next(&mut stream)
+                    .await?
+                    .is_some()
+                {}
+                Ok(stream.rows_affected().unwrap_or(0))
+            };
+            pg.run(changes, request).await
+        }
+
+        /// Runs a statement and returns the number of rows it affected.
+        pub async fn execute<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<u64, Error>
+        where
+            T: ?Sized + StatementText,
+        {
+            let pg = self.pg();
+            let changes = pg.statement_may_change_transaction(statement);
+            pg.run(changes, pg.client.execute(statement, params)).await
+        }
+
+        /// Runs one or more statements with the simple protocol, discarding rows.
+        pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
+            let pg = self.pg();
+            let changes = sql::batch_may_change_transaction(query);
+            pg.run(changes, pg.client.batch_execute(query)).await
+        }
+
+        /// Runs one or more statements with the simple protocol, returning text rows.
+        pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+            let pg = self.pg();
+            let changes = sql::batch_may_change_transaction(query);
+            pg.run(changes, pg.client.simple_query(query)).await
+        }
+    };
+}
+
+impl PooledConnection {
+    fn pg(&self) -> &PgConnection {
+        match &self.conn {
+            Some(conn) => conn,
+            // The connection is only taken out in Drop.
+            None => unreachable!("a PooledConnection always holds its connection until dropped"),
+        }
+    }
+
+    fn pg_mut(&mut self) -> &mut PgConnection {
+        match &mut self.conn {
+            Some(conn) => conn,
+            None => unreachable!("a PooledConnection always holds its connection until dropped"),
+        }
+    }
+
+    query_methods!();
+
+    /// Opens a transaction (`BEGIN`). It rolls back unless
+    /// [`Transaction::commit`] is called; dropping it, a panic or a
+    /// cancelled future all end in a rollback before the connection is
+    /// reused.
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        self.transaction_with(TransactionOptions::default()).await
+    }
+
+    /// Opens a transaction with an isolation level, read-only or deferrable.
+    pub async fn transaction_with(
+        &mut self,
+        options: TransactionOptions,
+    ) -> Result<Transaction<'_>, Error> {
+        let pg = self.pg();
+        // A fresh transaction: whatever this checkout left open (a dropped
+        // transaction, a BEGIN sent as plain SQL) is rolled back first.
+        pg.roll_back_if(!pg.is_clean() || pg.stale_transaction.load(Ordering::Acquire))
+            .await?;
+        let before = pg.state.load(Ordering::Acquire);
+        // Flag first: a BEGIN that is cancelled after it was sent still
+        // leaves the connection marked as (maybe) inside a transaction.
+        if before == IDLE {
+            pg.state.store(IN_TRANSACTION, Ordering::Release);
+        }
+        pg.in_flight.fetch_add(1, Ordering::AcqRel);
+        let result = pg.client.batch_execute(&options.begin_statement()).await;
+        pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(()) => Ok(Transaction {
+                conn: self,
+                done: false,
+            }),
+            Err(e) => {
+                if e.as_db_error().is_some() {
+                    // The server refused the BEGIN: no transaction was opened.
+                    pg.state.store(before, Ordering::Release);
+                } else {
+                    pg.mark_unknown();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The raw tokio-postgres client, for what the methods here do not
+    /// cover (COPY, streaming rows, notifications).
+    ///
+    /// The pool cannot see what is sent through it, so the connection's
+    /// session state becomes unknown: it is rolled back when returned (or
+    /// closed if that fails). Session settings changed with `SET` are not
+    /// reset; use `SET LOCAL` inside a transaction instead.
+    pub fn client_unchecked(&mut self) -> &mut Client {
+        let pg = self.pg_mut();
+        pg.mark_unknown();
+        &mut pg.client
+    }
+
+    /// Whether the connection's socket is closed (it will be discarded).
+    pub fn is_closed(&self) -> bool {
+        self.pg().client.is_closed()
+    }
+
+    /// Whether the connection is in a known idle state right now (no
+    /// transaction open, nothing in flight).
+    pub fn is_clean(&self) -> bool {
+        self.pg().is_clean()
+    }
+
+    /// The operation name given to [`crate::Pool::get`].
+    pub fn operation(&self) -> &str {
+        &self.operation
+    }
+
+    /// How long the connection has been checked out.
+    pub fn held_for(&self) -> Duration {
+        self.checked_out_at.elapsed()
+    }
+
+    /// How long ago the underlying connection was opened.
+    pub fn age(&self) -> Duration {
+        self.pg().created_at.elapsed()
+    }
+
+    /// Whether the pool would replace this connection: its socket is
+    /// closed, it belongs to an older generation ([`crate::Pool::recycle_all`])
+    /// or its (jittered) lifetime is over. For holders of long-lived
+    /// checkouts, which the pool cannot replace on its own.
+    pub fn should_be_replaced(&self) -> bool {
+        let pg = self.pg();
+        pg.client.is_closed()
+            || pg.generation < self.shared.generation.load(Ordering::Acquire)
+            || pg.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Takes this checkout out of leak detection, for connections held on
+    /// purpose for a long time (e.g. a shared, pipelined connection).
+    pub fn exempt_from_leak_detection(&mut self) {
+        if let Some(key) = self.leak_key.take() {
+            self.shared.leaks.unregister(key, &self.shared.label);
+        }
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    pub fn discard(mut self) {
+        self.pg_mut().close_reason = Some(CloseReason::Error);
+    }
+
+    pub(crate) fn release(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let permit = self.permit.take();
+        let shared = Arc::clone(&self.shared);
+        if let Some(key) = self.leak_key.take() {
+            shared.leaks.unregister(key, &shared.label);
+        }
+        conn.last_used = Instant::now();
+        if conn.close_reason.is_none() && conn.client.is_closed() {
+            conn.close_reason = Some(CloseReason::Broken);
+        }
+        if conn.close_reason.is_none() && !conn.is_clean() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    let timeout = shared.cleanup_timeout;
+                    let operation = std::mem::take(&mut self.operation);
+                    shared.returning.send_modify(|n| *n += 1);
+                    handle.spawn(roll_back_and_return(
+                        conn, permit, shared, timeout, operation,
+                    ));
+                    return;
+                }
+                Err(_) => conn.close_reason = Some(CloseReason::Error),
+            }
+        }
+        drop(conn);
+        drop(permit);
+        shared.stats.returned();
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Rolls back a connection whose session state is unknown, then returns it
+/// to the pool; closes it if the rollback fails or takes too long.
+///
+/// tokio-postgres runs requests in order, so the `ROLLBACK` runs after any
+/// statement a cancelled future left behind.
+async fn roll_back_and_return(
+    mut conn: bb8::PooledConnection<'static, Manager>,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    timeout: Duration,
+    operation: Cow<'static, str>,
+) {
+    let outcome = tokio::time::timeout(timeout, conn.client.batch_execute("ROLLBACK")).await;
+    match outcome {
+        Ok(Ok(())) if !conn.client.is_closed() => {
+            conn.mark_idle();
+            shared.stats.rolled_back();
+            tracing::debug!(
+                node = %shared.label,
+                operation = %operation,
+                "rolled back a connection returned in an unknown session state"
+            );
+        }
+        Ok(Ok(())) => conn.close_reason = Some(CloseReason::Broken),
+        Ok(Err(e)) => {
+            conn.close_reason = Some(if conn.client.is_closed() {
+                CloseReason::Broken
+            } else {
+                CloseReason::Error
+            });
+            tracing::debug!(node = %shared.label, operation = %operation, error = %e,
+                "rollback on return failed; closing the connection");
+        }
+        Err(_) => {
+            conn.close_reason = Some(CloseReason::Error);
+            tracing::warn!(
+                node = %shared.label,
+                operation = %operation,
+                timeout = ?timeout,
+                "rollback on return did not finish in time (a cancelled statement is still \
+                 running?); closing the connection"
+            );
+        }
+    }
+    drop(conn);
+    drop(permit);
+    shared.stats.returned();
+    shared.returning.send_modify(|n| *n = n.saturating_sub(1));
+}
+
+/// A transaction on a [`PooledConnection`], from
+/// [`PooledConnection::transaction`].
+///
+/// Ends with [`Transaction::commit`] or [`Transaction::rollback`]; dropped
+/// without either, it is rolled back before the connection is reused.
+pub struct Transaction<'a> {
+    conn: &'a mut PooledConnection,
+    done: bool,
+}
+
+impl fmt::Debug for Transaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("connection", &self.conn)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // The connection stays flagged: it is rolled back before the next
+            // statement on this checkout, or when it is returned.
+            self.pg().stale_transaction.store(true, Ordering::Release);
+            tracing::debug!(
+                node = %self.conn.shared.label,
+                operation = %self.conn.operation,
+                "transaction dropped without commit or rollback; it will be rolled back"
+            );
+        }
+    }
+}
+
+impl Transaction<'_> {
+    fn pg(&self) -> &PgConnection {
+        self.conn.pg()
+    }
+
+    query_methods!();
+
+    /// Commits. The state flag is cleared only once the server confirmed
+    /// the `COMMIT`.
+    ///
+    /// An error that is not a server error (a lost connection) means the
+    /// outcome is unknown: the commit may or may not have happened.
+    pub async fn commit(mut self) -> Result<(), Error> {
+        self.done = true;
+        self.finish("COMMIT").await
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.done = true;
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(&self, sql: &'static str) -> Result<(), Error> {
+        let pg = self.pg();
+        pg.in_flight.fetch_add(1, Ordering::AcqRel);
+        let result = pg.client.batch_execute(sql).await;
+        pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+        match &result {
+            Ok(()) if pg.in_flight.load(Ordering::Acquire) == 0 => pg.mark_idle(),
+            // A failed COMMIT ends the transaction on the server, but stay
+            // conservative: the connection is rolled back on return.
+            _ => pg.mark_unknown(),
+        }
+        result
+    }
+
+    /// Whether `commit` or `rollback` was called.
+    pub fn is_finished(&self) -> bool {
+        self.done
+    }
+}
