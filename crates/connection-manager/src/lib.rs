@@ -1,0 +1,106 @@
+//! The PostgreSQL cluster for pgstack: one primary and any number of
+//! replicas from [`pgstack_config`], each node a [`pgstack_pool`] pool with
+//! its own circuit breaker; read/write routing with replica lag and
+//! read-your-writes; the query and transaction API; retries that know which
+//! work is safe to repeat; and the SQLSTATE table.
+//!
+//! # Quickstart
+//!
+//! ```no_run
+//! use pgstack_config::DatabaseConfig;
+//! use pgstack_connection::{Cluster, Error, Op, Route};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = DatabaseConfig::for_tests("postgres://app:secret@db-primary/bills")?;
+//! config.replicas.push(pgstack_config::NodeSettings::from_url("postgres://app:secret@db-replica/bills")?);
+//! let cluster = Cluster::connect(&config).await?;
+//!
+//! // Every call names its operation. Reads go to a replica within the lag
+//! // limit (or the primary), writes to the primary.
+//! let unpaid: Vec<tokio_postgres::Row> = cluster
+//!     .query("fetch-bills", Route::Read, "SELECT id FROM bills WHERE NOT paid", &[])
+//!     .await?;
+//!
+//! // A write that hands back its WAL position; reading with it never sees
+//! // older data, wherever the read lands.
+//! let (_, position) = cluster
+//!     .execute_tracked("add-bill", "INSERT INTO bills (id) VALUES ($1)", &[&42_i64])
+//!     .await?;
+//! let bill = cluster
+//!     .query_opt("show-bill", Route::ReadAfter(position), "SELECT id FROM bills WHERE id = $1", &[&42_i64])
+//!     .await?;
+//! assert!(bill.is_some());
+//!
+//! // Transactions commit on Ok, roll back on Err, panic or drop, and are
+//! // retried as a whole on serialization failures.
+//! cluster
+//!     .transaction("pay-bill", async |tx| {
+//!         tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&42_i64]).await?;
+//!         Ok(())
+//!     })
+//!     .await?;
+//!
+//! // A write is retried after a connection loss only when marked idempotent;
+//! // otherwise its outcome is reported as unknown.
+//! match cluster
+//!     .execute("record-payment", Route::Write, "INSERT INTO payments (bill) VALUES ($1)", &[&42_i64])
+//!     .await
+//! {
+//!     Err(Error::CommitOutcomeUnknown { .. }) => { /* look the payment up before repeating */ }
+//!     other => { other?; }
+//! }
+//! cluster
+//!     .execute(Op::from("touch-bill").idempotent(), Route::Write,
+//!              "UPDATE bills SET seen = true WHERE id = $1", &[&42_i64])
+//!     .await?;
+//!
+//! println!("{}", serde_json::to_string(&cluster.metrics())?);
+//! # Ok(()) }
+//! ```
+//!
+//! # What happens where
+//!
+//! - **Routing** ([`Route`]): reads round-robin over replicas that are not
+//!   ejected, not failing, not seen as primary, with a closed breaker and a
+//!   lag within `health.max_replica_lag`; else the primary. Roles come from
+//!   `pg_is_in_recovery()` when connections are made. A `25006` from the
+//!   primary, or a primary seen in recovery, triggers
+//!   [`Cluster::rediscover`].
+//! - **Pipelining**: statements outside transactions share a few
+//!   connections per node ([`ClusterBuilder::shared_connections`]);
+//!   tokio-postgres pipelines them. Transactions, closures and
+//!   [`Cluster::connection`] take a connection of their own. Statements
+//!   that would leave a shared connection in a transaction or change its
+//!   session (`BEGIN`, `SET`, `LISTEN`, session advisory locks) are refused.
+//! - **Retries**: reads on any transient error; writes only when nothing was
+//!   sent, or when the [`Op`] is idempotent; transactions as a whole on
+//!   `40001`/`40P01` and when they broke before `COMMIT`. A connection lost
+//!   while a commit was in flight gives [`Error::CommitOutcomeUnknown`].
+//! - **Behind PgBouncer** (`query.prepared_statements = false`): statements
+//!   use the unnamed statement in one round trip, parameter types taken from
+//!   the Rust values.
+//! - **For the health monitor**: [`Node`] handles with the pool, the
+//!   breaker, roles, and cheap setters for ejection, lag and replay position.
+//!
+//! See `docs/connection.md` for the rules in full.
+
+mod cluster;
+mod conn;
+mod error;
+mod node;
+mod params;
+mod route;
+mod sqlcheck;
+mod stats;
+
+pub use crate::cluster::{CloseReport, Cluster, ClusterBuilder};
+pub use crate::conn::{Connection, Transaction};
+pub use crate::error::{DbError, Error, TRANSIENT_SQLSTATES, is_transient_sqlstate};
+pub use crate::node::{Node, Role};
+pub use crate::route::{InvalidWalPosition, Op, Route, WalPosition};
+pub use crate::stats::{
+    ClusterMetrics, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,
+    QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
+};
+pub use pgstack_pool::{AcquirePhase, IsolationLevel, PoolError, PoolStatus, TransactionOptions};
+pub use tokio_postgres;

@@ -1,0 +1,427 @@
+//! One node of the cluster: its pool, its breaker, its role, the routing
+//! inputs a health monitor feeds, and its shared (pipelined) connections.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgstack_pool::{Pool, PooledConnection};
+use pgstack_resilience::CircuitBreaker;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::route::WalPosition;
+
+/// A node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Role {
+    /// Accepts writes (`pg_is_in_recovery()` is false and the session is not
+    /// read-only).
+    Primary,
+    /// A standby in recovery, or a read-only server.
+    Replica,
+}
+
+impl Role {
+    /// `primary` or `replica`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+const ROLE_UNKNOWN: u8 = 0;
+const ROLE_PRIMARY: u8 = 1;
+const ROLE_REPLICA: u8 = 2;
+/// "Not measured" for lag and positions.
+const UNKNOWN: u64 = u64::MAX;
+
+/// A handle to one node: name, roles, pool, breaker, and the routing inputs
+/// (ejection, replica lag, replay position).
+///
+/// Cheap to clone. The setters are single atomic stores, meant to be called
+/// by a health monitor on every probe; routing reads them on every call.
+///
+/// | input | set with | effect on `Route::Read` |
+/// |---|---|---|
+/// | ejected | [`Node::eject`] / [`Node::restore`] | an ejected replica gets no reads |
+/// | lag (time) | [`Node::set_replica_lag`] | above `health.max_replica_lag`: no reads; unknown: allowed |
+/// | lag (bytes) | [`Node::set_replica_lag_bytes`] | reported only |
+/// | replay position | [`Node::set_replay_position`] | `Route::ReadAfter(p)` needs at least `p`; unknown: no |
+/// | observed role | [`Node::set_observed_role`] | a node seen as primary gets no reads unless it is the primary |
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
+    pub(crate) configured: Role,
+    observed: AtomicU8,
+    pub(crate) pool: Pool,
+    ejected: AtomicBool,
+    /// Set by the cluster when a call saw the node fail; cleared by the
+    /// background probe once the node answers again.
+    pub(crate) suspect: AtomicBool,
+    lag_millis: AtomicU64,
+    lag_bytes: AtomicU64,
+    replay_lsn: AtomicU64,
+    pub(crate) queries: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) lanes: Lanes,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.inner.name)
+            .field("configured_role", &self.inner.configured)
+            .field("observed_role", &self.observed_role())
+            .field("ejected", &self.is_ejected())
+            .field("suspect", &self.inner.suspect.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(
+        index: usize,
+        name: Arc<str>,
+        configured: Role,
+        pool: Pool,
+        lanes: usize,
+    ) -> Node {
+        Node {
+            inner: Arc::new(NodeInner {
+                index,
+                name,
+                configured,
+                observed: AtomicU8::new(ROLE_UNKNOWN),
+                pool,
+                ejected: AtomicBool::new(false),
+                suspect: AtomicBool::new(false),
+                lag_millis: AtomicU64::new(UNKNOWN),
+                lag_bytes: AtomicU64::new(UNKNOWN),
+                replay_lsn: AtomicU64::new(UNKNOWN),
+                queries: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                lanes: Lanes::new(lanes),
+            }),
+        }
+    }
+
+    /// The node's name: `primary` for the configured primary, `replica-1`,
+    /// `replica-2`, ... for the replicas, in configuration order. It labels
+    /// metrics, logs and errors.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
+        &self.inner.name
+    }
+
+    /// The role the configuration gave the node.
+    pub fn configured_role(&self) -> Role {
+        self.inner.configured
+    }
+
+    /// The role last seen with `pg_is_in_recovery()` (when connections are
+    /// made, on re-discovery, or as set by a monitor); `None` before the first
+    /// look.
+    pub fn observed_role(&self) -> Option<Role> {
+        match self.inner.observed.load(Ordering::Acquire) {
+            ROLE_PRIMARY => Some(Role::Primary),
+            ROLE_REPLICA => Some(Role::Replica),
+            _ => None,
+        }
+    }
+
+    /// Records the role seen by a probe (`None`: unknown).
+    pub fn set_observed_role(&self, role: Option<Role>) {
+        let code = match role {
+            Some(Role::Primary) => ROLE_PRIMARY,
+            Some(Role::Replica) => ROLE_REPLICA,
+            None => ROLE_UNKNOWN,
+        };
+        self.inner.observed.store(code, Ordering::Release);
+    }
+
+    /// The node's pool (its [`Pool::status`] for reports).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The node's circuit breaker (shared with its pool), if enabled.
+    pub fn circuit_breaker(&self) -> Option<&CircuitBreaker> {
+        self.inner.pool.circuit_breaker()
+    }
+
+    /// Takes a replica out of read routing until [`Node::restore`]. Has no
+    /// effect on writes: the primary is never ejected from them.
+    pub fn eject(&self) {
+        if !self.inner.ejected.swap(true, Ordering::AcqRel) {
+            tracing::warn!(node = %self.inner.name, "node ejected from read routing");
+        }
+    }
+
+    /// Puts an ejected node back into read routing.
+    pub fn restore(&self) {
+        if self.inner.ejected.swap(false, Ordering::AcqRel) {
+            tracing::info!(node = %self.inner.name, "node restored to read routing");
+        }
+    }
+
+    /// Whether the node is ejected.
+    pub fn is_ejected(&self) -> bool {
+        self.inner.ejected.load(Ordering::Acquire)
+    }
+
+    /// Whether a recent call saw the node fail and a background probe has
+    /// not yet seen it answer again (such a node gets no reads).
+    pub fn is_suspect(&self) -> bool {
+        self.inner.suspect.load(Ordering::Acquire)
+    }
+
+    /// Records the replica's replay lag in time (`None`: unknown, which
+    /// routing treats as within the limit).
+    pub fn set_replica_lag(&self, lag: Option<Duration>) {
+        let value = lag.map_or(UNKNOWN, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(UNKNOWN - 1)
+        });
+        self.inner.lag_millis.store(value, Ordering::Release);
+    }
+
+    /// The replay lag last recorded, at millisecond precision.
+    pub fn replica_lag(&self) -> Option<Duration> {
+        match self.inner.lag_millis.load(Ordering::Acquire) {
+            UNKNOWN => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Records the replica's lag in bytes of WAL behind the primary.
+    pub fn set_replica_lag_bytes(&self, bytes: Option<u64>) {
+        self.inner.lag_bytes.store(
+            bytes.map_or(UNKNOWN, |b| b.min(UNKNOWN - 1)),
+            Ordering::Release,
+        );
+    }
+
+    /// The lag in bytes last recorded.
+    pub fn replica_lag_bytes(&self) -> Option<u64> {
+        match self.inner.lag_bytes.load(Ordering::Acquire) {
+            UNKNOWN => None,
+            bytes => Some(bytes),
+        }
+    }
+
+    /// Records the replica's last replayed WAL position
+    /// (`pg_last_wal_replay_lsn()`). Positions only move forward: an older
+    /// one is ignored unless `None` (unknown) was set in between.
+    pub fn set_replay_position(&self, position: Option<WalPosition>) {
+        match position {
+            None => self.inner.replay_lsn.store(UNKNOWN, Ordering::Release),
+            Some(p) => {
+                let value = p.as_u64().min(UNKNOWN - 1);
+                let _ = self.inner.replay_lsn.fetch_update(
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    |old| (old == UNKNOWN || old < value).then_some(value),
+                );
+            }
+        }
+    }
+
+    /// The replay position last recorded.
+    pub fn replay_position(&self) -> Option<WalPosition> {
+        match self.inner.replay_lsn.load(Ordering::Acquire) {
+            UNKNOWN => None,
+            lsn => Some(WalPosition::from_u64(lsn)),
+        }
+    }
+
+    /// Whether a read may go here, given the lag limit and, for
+    /// read-your-writes, the position the read must see.
+    pub(crate) fn readable(&self, max_lag: Duration, after: Option<WalPosition>) -> bool {
+        let inner = &self.inner;
+        if inner.ejected.load(Ordering::Acquire)
+            || inner.suspect.load(Ordering::Acquire)
+            || inner.observed.load(Ordering::Acquire) == ROLE_PRIMARY
+        {
+            return false;
+        }
+        if let Some(breaker) = inner.pool.circuit_breaker()
+            && !breaker.state().allows_calls()
+        {
+            return false;
+        }
+        let lag = inner.lag_millis.load(Ordering::Acquire);
+        if lag != UNKNOWN && u128::from(lag) > max_lag.as_millis() {
+            return false;
+        }
+        match after {
+            None => true,
+            Some(p) => {
+                let replayed = inner.replay_lsn.load(Ordering::Acquire);
+                replayed != UNKNOWN && replayed >= p.as_u64()
+            }
+        }
+    }
+
+    /// Stops using the node's shared connections: calls in flight finish,
+    /// new ones open fresh connections.
+    pub(crate) fn retire_lanes(&self) {
+        self.inner.lanes.retire_all();
+    }
+}
+
+/// A shared connection: one pooled connection that many autocommit
+/// statements use at once (tokio-postgres pipelines them).
+pub(crate) struct Lane {
+    pub(crate) conn: PooledConnection,
+    retired: AtomicBool,
+}
+
+impl Lane {
+    /// Not retired, not closed, within its lifetime and of the pool's
+    /// current generation (see [`Pool::recycle_all`]).
+    fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Acquire) && !self.conn.should_be_replaced()
+    }
+
+    /// Takes the lane out of use (it broke, timed out, or its role changed).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+}
+
+struct Slot {
+    lane: Mutex<Option<Arc<Lane>>>,
+    refill: tokio::sync::Mutex<()>,
+    /// Attempts to open this slot's connection that timed out.
+    failures: AtomicU64,
+}
+
+/// A node's shared connections.
+pub(crate) struct Lanes {
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+}
+
+impl Lanes {
+    fn new(count: usize) -> Self {
+        Lanes {
+            slots: (0..count)
+                .map(|_| Slot {
+                    lane: Mutex::new(None),
+                    refill: tokio::sync::Mutex::new(()),
+                    failures: AtomicU64::new(0),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    fn retire_all(&self) {
+        for slot in self.slots.iter() {
+            let lane = lock(&slot.lane).take();
+            if let Some(lane) = lane {
+                lane.retire();
+            }
+        }
+    }
+
+    /// A usable lane, opening one (from the node's pool) when its slot is
+    /// empty or its lane broke. `open` checks a new connection out.
+    ///
+    /// Opening is single-flight per slot: callers that queued behind an
+    /// attempt that timed out get `queued_failure()` at once instead of
+    /// trying again one after the other (each would wait out the timeout).
+    pub(crate) async fn get<F, Fut>(
+        &self,
+        open: F,
+        queued_failure: impl FnOnce() -> Error,
+    ) -> Result<Arc<Lane>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<PooledConnection, Error>>,
+    {
+        let count = self.slots.len().max(1);
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let Some(slot) = self.slots.get(index) else {
+            return Err(Error::Config("no shared connections configured".to_owned()));
+        };
+        if let Some(lane) = lock(&slot.lane).as_ref().filter(|l| l.usable()) {
+            return Ok(Arc::clone(lane));
+        }
+        let failures_seen = slot.failures.load(Ordering::Acquire);
+        let _refilling = slot.refill.lock().await;
+        {
+            let mut current = lock(&slot.lane);
+            if let Some(lane) = current.as_ref() {
+                if lane.usable() {
+                    return Ok(Arc::clone(lane));
+                }
+                lane.retire();
+                *current = None;
+            }
+        }
+        if slot.failures.load(Ordering::Acquire) != failures_seen {
+            return Err(queued_failure());
+        }
+        let mut conn = match open().await {
+            Ok(conn) => conn,
+            Err(error) => {
+                // Only slow failures (the node did not answer in time) are
+                // shared with the queue; a quick one (refused, reset) costs
+                // the next caller little to try again.
+                if matches!(error, Error::Unavailable { .. } | Error::PoolTimeout { .. }) {
+                    slot.failures.fetch_add(1, Ordering::AcqRel);
+                }
+                return Err(error);
+            }
+        };
+        // Held on purpose for as long as it stays usable.
+        conn.exempt_from_leak_detection();
+        let lane = Arc::new(Lane {
+            conn,
+            retired: AtomicBool::new(false),
+        });
+        *lock(&slot.lane) = Some(Arc::clone(&lane));
+        Ok(lane)
+    }
+
+    /// Takes `lane` out of its slot (if still there) and out of use.
+    pub(crate) fn retire(&self, lane: &Arc<Lane>) {
+        lane.retire();
+        for slot in self.slots.iter() {
+            let mut current = lock(&slot.lane);
+            if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane)) {
+                *current = None;
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

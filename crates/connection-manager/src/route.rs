@@ -1,0 +1,218 @@
+//! Where a call goes ([`Route`]), what it is called ([`Op`]) and WAL
+//! positions for read-your-writes ([`WalPosition`]).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// A position in the write-ahead log (PostgreSQL's `pg_lsn`).
+///
+/// A write hands one back ([`crate::Cluster::execute_tracked`],
+/// [`crate::Cluster::wal_position`]); a read given it with
+/// [`Route::ReadAfter`] goes only to replicas that have replayed past it.
+///
+/// ```
+/// use pgstack_connection::WalPosition;
+/// let lsn: WalPosition = "16/B374D848".parse()?;
+/// assert_eq!(lsn.as_u64(), 0x16_B374_D848);
+/// assert_eq!(lsn.to_string(), "16/B374D848");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalPosition(u64);
+
+impl WalPosition {
+    /// The position from its 64-bit value.
+    pub const fn from_u64(value: u64) -> Self {
+        WalPosition(value)
+    }
+
+    /// The 64-bit value.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl From<tokio_postgres::types::PgLsn> for WalPosition {
+    fn from(lsn: tokio_postgres::types::PgLsn) -> Self {
+        WalPosition(u64::from(lsn))
+    }
+}
+
+impl fmt::Display for WalPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// A text that is not `XXXXXXXX/XXXXXXXX` (hexadecimal halves).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a WAL position: {0:?}; expected two hexadecimal halves such as 16/B374D848")]
+pub struct InvalidWalPosition(String);
+
+impl FromStr for WalPosition {
+    type Err = InvalidWalPosition;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidWalPosition(s.to_owned());
+        let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(WalPosition((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+impl serde::Serialize for WalPosition {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where a call goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Route {
+    /// A healthy replica within the lag limit (round-robin), else the primary.
+    Read,
+    /// The primary.
+    Write,
+    /// Read your writes: a replica that has replayed at least this position,
+    /// else the primary.
+    ReadAfter(WalPosition),
+}
+
+impl Route {
+    /// The label used in metrics and logs: `read`, `write` or `read-after`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Route::Read => "read",
+            Route::Write => "write",
+            Route::ReadAfter(_) => "read-after",
+        }
+    }
+
+    /// Whether the call only reads (and may be repeated freely).
+    pub fn is_read(&self) -> bool {
+        !matches!(self, Route::Write)
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::ReadAfter(lsn) => write!(f, "read-after {lsn}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// The name of an operation (`"fetch-bills"`), and whether it is safe to
+/// repeat.
+///
+/// Every call takes one: it labels spans, metrics, slow-query logs and
+/// errors. A `&'static str` converts without allocating.
+///
+/// ```
+/// use pgstack_connection::Op;
+/// let op = Op::from("upsert-user").idempotent();
+/// assert_eq!(op.name(), "upsert-user");
+/// assert!(op.is_idempotent());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Op {
+    name: Name,
+    idempotent: bool,
+}
+
+/// An operation name: static text, or shared text (cloned per call without
+/// allocating).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Name {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Op {
+    /// An operation named `name`, not idempotent.
+    pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
+        let name = match name.into() {
+            Cow::Borrowed(name) => Name::Static(name),
+            Cow::Owned(name) => Name::Shared(name.into()),
+        };
+        Op {
+            name,
+            idempotent: false,
+        }
+    }
+
+    /// Marks the work safe to repeat even if it may already have taken
+    /// effect (an upsert, `INSERT ... ON CONFLICT DO NOTHING`, a `SET x = 5`).
+    /// Writes marked so are retried after a connection loss.
+    pub fn idempotent(mut self) -> Self {
+        self.idempotent = true;
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        match &self.name {
+            Name::Static(name) => name,
+            Name::Shared(name) => name,
+        }
+    }
+
+    /// The name for APIs that take a `Cow` (no allocation for static names).
+    pub(crate) fn cow(&self) -> Cow<'static, str> {
+        match &self.name {
+            Name::Static(name) => Cow::Borrowed(name),
+            Name::Shared(name) => Cow::Owned(name.to_string()),
+        }
+    }
+
+    /// Whether the work is marked idempotent.
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    pub(crate) fn label(&self) -> metrics::SharedString {
+        match &self.name {
+            Name::Static(name) => metrics::SharedString::const_str(name),
+            Name::Shared(name) => metrics::SharedString::from(Arc::clone(name)),
+        }
+    }
+}
+
+impl From<&'static str> for Op {
+    fn from(name: &'static str) -> Self {
+        Op::new(name)
+    }
+}
+
+impl From<String> for Op {
+    fn from(name: String) -> Self {
+        Op::new(name)
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_positions_parse_print_and_order() {
+        let a: WalPosition = "0/16B3740".parse().unwrap_or_default();
+        let b: WalPosition = "1/0".parse().unwrap_or_default();
+        assert_eq!(a.as_u64(), 0x16B_3740);
+        assert!(a < b);
+        assert_eq!(b.to_string(), "1/0");
+        assert!("16B3740".parse::<WalPosition>().is_err());
+        assert!("x/1".parse::<WalPosition>().is_err());
+    }
+}

@@ -1,0 +1,363 @@
+//! Writes under injected faults: no write is ever applied twice, and every
+//! call's outcome is accounted for. Serializable transactions commit exactly
+//! once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgstack_connection::{Cluster, Error, IsolationLevel, Route, TransactionOptions};
+use pgstack_tests::{ChaosProxy, ProxyMode, TestCluster, TestDb};
+use rand::Rng;
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok: Vec<i64>,
+    unknown: Vec<i64>,
+    failed: Vec<(i64, String)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
+    let server = TestCluster::start().await.unwrap();
+    let db = TestDb::on(&server).await.unwrap();
+    // No unique constraint: a write applied twice would show as two rows.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE ledger (id bigint NOT NULL, amount int NOT NULL)")
+        .await
+        .unwrap();
+    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
+    let mut config = common::config(&proxy.url(db.name()));
+    config.pool.max_size = 10;
+    config.retry.max_attempts = 10;
+    let cluster = Cluster::connect(&config).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut resets = 0;
+            while !stop.load(Ordering::Acquire) {
+                let pause = rand::rng().random_range(10..60);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                proxy.reset_all();
+                resets += 1;
+            }
+            (proxy, resets)
+        })
+    };
+
+    const TASKS: i64 = 50;
+    const PER_TASK: i64 = 200;
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            for i in 0..PER_TASK {
+                let id = task * PER_TASK + i;
+                let amount = (id % 97) as i32;
+                match cluster
+                    .execute(
+                        "post-entry",
+                        Route::Write,
+                        "INSERT INTO ledger (id, amount) VALUES ($1, $2)",
+                        &[&id, &amount],
+                    )
+                    .await
+                {
+                    Ok(1) => tally.ok.push(id),
+                    Ok(n) => panic!("insert {id} affected {n} rows"),
+                    Err(Error::CommitOutcomeUnknown { .. }) => tally.unknown.push(id),
+                    Err(e) => tally.failed.push((id, e.to_string())),
+                }
+            }
+            tally
+        }));
+    }
+    let mut all = Tally::default();
+    for task in tasks {
+        let tally = task.await.unwrap();
+        all.ok.extend(tally.ok);
+        all.unknown.extend(tally.unknown);
+        all.failed.extend(tally.failed);
+    }
+    stop.store(true, Ordering::Release);
+    let (_proxy, resets) = chaos.await.unwrap();
+
+    let sample: Vec<_> = all.failed.iter().take(3).collect();
+    eprintln!("ledger: failed sample: {sample:?}");
+    // Every call is accounted for, once.
+    let total = (TASKS * PER_TASK) as usize;
+    assert_eq!(all.ok.len() + all.unknown.len() + all.failed.len(), total);
+
+    let client = db.client().await.unwrap();
+    let rows = client
+        .query("SELECT id, count(*) FROM ledger GROUP BY id", &[])
+        .await
+        .unwrap();
+    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "duplicated ids: {duplicates:?}");
+    for id in &all.ok {
+        assert_eq!(counts.get(id), Some(&1), "acknowledged insert {id} missing");
+    }
+    for (id, error) in &all.failed {
+        assert_eq!(
+            counts.get(id),
+            None,
+            "insert {id} failed ({error}) yet was applied"
+        );
+    }
+    // Unknown outcomes are resolved by looking the id up.
+    let resolved_applied = all
+        .unknown
+        .iter()
+        .filter(|id| counts.contains_key(id))
+        .count();
+    let applied: HashSet<i64> = counts.keys().copied().collect();
+    assert_eq!(applied.len(), all.ok.len() + resolved_applied);
+    let metrics = cluster.metrics();
+    eprintln!(
+        "ledger: {resets} resets; {} ok, {} unknown ({} of them applied), {} failed, {} retries",
+        all.ok.len(),
+        all.unknown.len(),
+        resolved_applied,
+        all.failed.len(),
+        metrics.retries
+    );
+    assert_eq!(metrics.queries as usize, total);
+    assert_eq!(metrics.unknown_outcomes as usize, all.unknown.len());
+    assert!(resets > 10, "the proxy reset connections ({resets})");
+    // Under resets this frequent, connects fail too and the breaker may
+    // reject calls for a while (more so on a loaded machine): the cluster
+    // must still get a fair share through.
+    assert!(
+        all.ok.len() >= total / 10,
+        "the cluster kept working through the resets ({} of {total} acknowledged)",
+        all.ok.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_transactions_under_conflict_commit_exactly_once() {
+    let db = TestDb::new().await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL); \
+             INSERT INTO counter VALUES (1, 0); \
+             CREATE TABLE increments (task int, i int, seen bigint, PRIMARY KEY (task, i))",
+        )
+        .await
+        .unwrap();
+    let mut config = common::config(db.url());
+    config.pool.max_size = 12;
+    config.retry.max_attempts = 100;
+    config.retry.initial_backoff = Duration::from_millis(1);
+    config.retry.max_backoff = Duration::from_millis(20);
+    let cluster = Cluster::connect(&config).await.unwrap();
+    let options = TransactionOptions::new().isolation(IsolationLevel::Serializable);
+
+    const TASKS: i32 = 8;
+    const PER_TASK: i32 = 25;
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            // Owned captures (`async move`): a borrowing async closure's
+            // future is not provably Send in a spawned task.
+            let attempts = Arc::new(AtomicU32::new(0));
+            for i in 0..PER_TASK {
+                let attempts = Arc::clone(&attempts);
+                cluster
+                    .transaction_with("increment", options, async move |tx| {
+                        attempts.fetch_add(1, Ordering::Relaxed);
+                        let n: i64 = tx
+                            .query_one("SELECT n FROM counter WHERE id = 1", &[])
+                            .await?
+                            .get(0);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        tx.execute("UPDATE counter SET n = $1 WHERE id = 1", &[&(n + 1)])
+                            .await?;
+                        tx.execute(
+                            "INSERT INTO increments VALUES ($1, $2, $3)",
+                            &[&task, &i, &n],
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+            }
+            attempts.load(Ordering::Relaxed)
+        }));
+    }
+    let mut attempts = 0;
+    for task in tasks {
+        attempts += task.await.unwrap();
+    }
+    let total = i64::from(TASKS * PER_TASK);
+    let n: i64 = cluster
+        .query_one("n", Route::Write, "SELECT n FROM counter", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, total, "every transaction committed exactly once");
+    let rows: i64 = cluster
+        .query_one("rows", Route::Write, "SELECT count(*) FROM increments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, total);
+    // Serial order: each increment saw a distinct value 0..total.
+    let distinct: i64 = cluster
+        .query_one(
+            "distinct",
+            Route::Write,
+            "SELECT count(DISTINCT seen) FROM increments",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, total);
+    let metrics = cluster.metrics();
+    eprintln!(
+        "serializable: {attempts} attempts for {total} transactions, {} retries",
+        metrics.retries
+    );
+    assert!(metrics.retries > 0, "the workload conflicted");
+    assert_eq!(u64::from(attempts), total as u64 + metrics.retries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_commit_is_in_flight_is_reported_not_retried() {
+    let server = TestCluster::start().await.unwrap();
+    let db = TestDb::on(&server).await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE payments (id bigint NOT NULL)")
+        .await
+        .unwrap();
+    let proxy = Arc::new(ChaosProxy::start(server.addr()).await.unwrap());
+    let cluster = Cluster::connect(&common::config(&proxy.url(db.name())))
+        .await
+        .unwrap();
+
+    let runs = AtomicU32::new(0);
+    let error = cluster
+        .transaction("pay", async |tx| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            tx.execute("INSERT INTO payments VALUES (1)", &[]).await?;
+            // From here on every chunk is held 300 ms in the proxy, and the
+            // connection is reset after 100 ms: the COMMIT is in flight.
+            proxy.set_mode(ProxyMode::Latency(Duration::from_millis(300)));
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                proxy.reset_all();
+                proxy.set_mode(ProxyMode::PassThrough);
+            });
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(error.is_commit_outcome_unknown(), "{error:?}");
+    assert!(!error.is_transient());
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "never retried silently");
+    let metrics = cluster.metrics();
+    assert_eq!((metrics.retries, metrics.unknown_outcomes), (0, 1));
+    // The caller resolves it by looking the payment up; here the COMMIT
+    // never reached the server.
+    let found: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(found <= 1);
+    // The cluster goes on working through the proxy.
+    cluster
+        .execute(
+            "pay-again",
+            Route::Write,
+            "INSERT INTO payments VALUES (2)",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_writes_are_retried_through_resets() {
+    let server = TestCluster::start().await.unwrap();
+    let db = TestDb::on(&server).await.unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE seen (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
+    let mut config = common::config(&proxy.url(db.name()));
+    config.retry.max_attempts = 20;
+    let cluster = Cluster::connect(&config).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let pause = rand::rng().random_range(20..80);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                proxy.reset_all();
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for task in 0..10_i64 {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100_i64 {
+                let id = task * 100 + i;
+                // Safe to repeat: a second run inserts nothing.
+                cluster
+                    .execute(
+                        pgstack_connection::Op::from("mark-seen").idempotent(),
+                        Route::Write,
+                        "INSERT INTO seen VALUES ($1) ON CONFLICT DO NOTHING",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("idempotent write {id} failed: {e}"));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    stop.store(true, Ordering::Release);
+    chaos.await.unwrap();
+    let rows: i64 = db
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM seen", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1000);
+    let metrics = cluster.metrics();
+    assert_eq!(metrics.unknown_outcomes, 0);
+    assert!(metrics.retries > 0, "the resets hit some writes");
+}
