@@ -1,0 +1,2 @@
+DROP TABLE bills;
+DROP TYPE bill_status;
