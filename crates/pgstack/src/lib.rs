@@ -1,0 +1,157 @@
+//! PostgreSQL infrastructure for Rust services: one [`Database`] handle with
+//! read/write routing, retries that know what is safe to repeat, circuit
+//! breaking, schema migrations at start, status, metrics and graceful
+//! shutdown.
+//!
+//! # Quickstart
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pgstack::prelude::*;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Configuration from the environment (DATABASE_URL, APP_ENV, PGSTACK_*)
+//! // and pgstack.toml; overrides in code win.
+//! let db = Database::builder()
+//!     .set("pool.max_size", 20)
+//!     .wait_for_database(Duration::from_secs(30))
+//!     .connect()
+//!     .await?;
+//!
+//! // Every call names its operation: it labels logs, spans and metrics.
+//! let open: Vec<Row> = db
+//!     .query("open-bills", Route::Read, "SELECT id FROM bills WHERE NOT paid", &[])
+//!     .await?;
+//!
+//! db.transaction("pay-bill", async |tx| {
+//!     tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&7_i64]).await?;
+//!     Ok(())
+//! })
+//! .await?;
+//!
+//! // For a status page and a health endpoint.
+//! let status = db.status().await;
+//! println!("{} with {} open bills", status.state, open.len());
+//!
+//! // On SIGTERM or Ctrl-C: refuse new calls, let running ones finish for
+//! // 10 s, cancel the rest on the server, close the pools.
+//! let report = db.shutdown_on_signal(Duration::from_secs(10)).await;
+//! println!("{} calls cut off", report.cut_off);
+//! # Ok(()) }
+//! ```
+//!
+//! Keep one [`Database`] per service and clone it into handlers: clones
+//! share the pools.
+//!
+//! # Routing
+//!
+//! - [`Route::Read`] goes round-robin to a replica that answers, has a
+//!   closed circuit breaker and lags less than `health.max_replica_lag`;
+//!   when none does, to the primary.
+//! - [`Route::Write`], [`Database::transaction`] and [`Database::write`] go
+//!   to the primary (found with `pg_is_in_recovery()`; re-discovered after a
+//!   failover). A read-only transaction
+//!   ([`TransactionOptions::read_only`]) is routed as a read.
+//! - [`Route::ReadAfter`] with the position from
+//!   [`Database::execute_tracked`] reads your own write wherever it lands.
+//!
+//! # Retries
+//!
+//! Transient errors only (connection loss, `08xxx`, `57P01..03`, `53300`,
+//! `40001`, `40P01`, pool time-outs), with exponential backoff and jitter
+//! (`retry.*`):
+//!
+//! - reads are retried freely;
+//! - a write is retried only when it provably was not sent, or when its
+//!   operation is marked idempotent: `Op::from("touch").idempotent()`;
+//! - a transaction is retried as a whole on `40001`/`40P01` — keep effects
+//!   outside the database out of its closure;
+//! - a connection lost while `COMMIT` was in flight gives
+//!   [`Error::CommitOutcomeUnknown`], never a silent retry.
+//!
+//! While a node's circuit breaker is open, calls to it fail in microseconds
+//! with [`Error::CircuitOpen`], naming the node and the next probe.
+//!
+//! # Lifecycle
+//!
+//! [`connect`] validates the configuration (every problem listed), connects
+//! — failing at once, or waiting up to
+//! [`DatabaseBuilder::wait_for_database`] — warms the pools, verifies the
+//! node roles and, when `migrations.auto_migrate` is on, applies pending
+//! migrations. [`Database::shutdown`] returns a [`ShutdownReport`] of what
+//! completed and what was cut off. See `docs/orchestrator.md`.
+//!
+//! # Feature flags
+//!
+//! Declared (with the same text) in this crate's `Cargo.toml`:
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `migrations` | yes | pending migrations applied at start (`migrations.auto_migrate`), their state in [`Status`], and the migrations crate as [`migrations`] |
+//! | `health` | yes | the health monitor (`features.health_monitoring`): probes on connections of their own, reports with reasons and history, replica ejection, alert rules and sinks; [`Database::health`] and [`Database::status`] read its latest report; the crate as [`health`] |
+//!
+//! Without default features a service gets the pools, routing, retries,
+//! status, metrics and shutdown (node health is then probed when
+//! [`Database::health`] or [`Database::status`] is called). Each crate
+//! underneath is usable on its own: [`config`], [`resilience`], [`pool`],
+//! [`connection`], [`orchestrator`].
+
+mod database;
+
+pub use crate::database::{Database, DatabaseBuilder, connect};
+
+// Queries and their errors.
+pub use pgstack_connection::tokio_postgres::Row;
+pub use pgstack_connection::tokio_postgres::types::{FromSql, ToSql};
+pub use pgstack_connection::{
+    Cluster, ClusterMetrics, Connection, DbError, Error, IsolationLevel, NodeMetrics, Op, Role,
+    Route, Transaction, TransactionOptions, WalPosition,
+};
+
+// Health monitoring.
+#[cfg(feature = "health")]
+pub use pgstack_health::{HealthMonitor, HealthReport, HealthStatus};
+#[cfg(feature = "health")]
+pub use pgstack_orchestrator::MonitorSummary;
+
+// Configuration.
+pub use pgstack_config::{ConfigError, ConfigLoader, DatabaseConfig, Environment, Password};
+
+// Lifecycle, status, metrics, shutdown.
+pub use pgstack_orchestrator::{
+    Health, LifecycleState, Metrics, MigrationSummary, NodeCount, NodeHealth, NodeHealthEntry,
+    NodeStatus, Orchestrator, ShutdownReport, StartError, StartEvent, StartOptions, Status,
+    shutdown_signal,
+};
+
+/// The crates underneath, for what the facade does not re-export.
+pub use pgstack_config as config;
+pub use pgstack_connection as connection;
+pub use pgstack_connection::tokio_postgres;
+#[cfg(feature = "health")]
+pub use pgstack_health as health;
+#[cfg(feature = "migrations")]
+pub use pgstack_migrations as migrations;
+pub use pgstack_orchestrator as orchestrator;
+pub use pgstack_pool as pool;
+pub use pgstack_resilience as resilience;
+
+/// What most services need: `use pgstack::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Database, Error, Health, NodeHealth, Op, Route, Row, ShutdownReport, StartError, Status,
+        ToSql, Transaction, TransactionOptions,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+
+    #[test]
+    fn database_is_cheap_to_share() {
+        send_sync::<Database>();
+    }
+}
