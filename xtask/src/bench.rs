@@ -1,0 +1,84 @@
+//! `cargo xtask bench`: pgstack side by side with its peers.
+//!
+//! Builds and runs the `pgstack-bench` binary in release mode from the
+//! workspace root. In full mode it first runs `cargo bench -p
+//! pgstack-resilience` when criterion's output (which case 3 reads) is
+//! missing, or when `--rerun-criterion` asks for it. Results go to
+//! `target/bench/results.json` and the generated part of `docs/benchmarks.md`.
+//! Runs cargo as `$CARGO` (set by `cargo xtask`), else `cargo`.
+
+use std::ffi::OsString;
+use std::process::{Command, ExitCode};
+
+use anyhow::Context as _;
+
+use crate::verify::workspace_root;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// A short run: shorter windows and caps, fewer migrations; the resilience
+    /// figures only if criterion has written them before.
+    #[arg(long)]
+    quick: bool,
+    /// Which cases to run, comma-separated (1 checkout, 2 statements,
+    /// 3 resilience overhead, 4 unreachable, 5 recovery, 6 migrations).
+    #[arg(long)]
+    cases: Option<String>,
+    /// Repetitions of each measurement (default 5; medians are reported).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Write the JSON only; leave docs/benchmarks.md alone.
+    #[arg(long)]
+    no_markdown: bool,
+    /// Run `cargo bench -p pgstack-resilience` even when criterion's output
+    /// is already there (full mode runs it only when it is missing).
+    #[arg(long)]
+    rerun_criterion: bool,
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let root = workspace_root()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let wants_resilience = args
+        .cases
+        .as_deref()
+        .is_none_or(|cases| cases.split(',').any(|c| c.trim() == "3"));
+    let criterion_present = root
+        .join("target/criterion/breaker/closed_call/new/estimates.json")
+        .is_file();
+    if !args.quick && wants_resilience && (args.rerun_criterion || !criterion_present) {
+        let status = Command::new(&cargo)
+            .args(["bench", "-p", "pgstack-resilience", "--bench", "overhead"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo bench -p pgstack-resilience")?;
+        if !status.success() {
+            anyhow::bail!("cargo bench -p pgstack-resilience failed ({status})");
+        }
+    }
+    let mut command = Command::new(&cargo);
+    command
+        .args(["run", "--release", "-p", "pgstack-bench", "--"])
+        .current_dir(&root);
+    if args.quick {
+        command.arg("--quick");
+    }
+    if let Some(cases) = &args.cases {
+        command.args(["--cases", cases]);
+    }
+    if let Some(repeats) = args.repeats {
+        command.args(["--repeats", &repeats.to_string()]);
+    }
+    if args.no_markdown {
+        command.arg("--no-markdown");
+    }
+    let status = command
+        .status()
+        .context("running cargo run --release -p pgstack-bench")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
