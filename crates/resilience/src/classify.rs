@@ -1,5 +1,7 @@
 //! How the caller tells the retry loop and the breaker what an error means.
 
+use std::time::Duration;
+
 use crate::breaker::Outcome;
 use crate::timeout::Elapsed;
 
@@ -87,6 +89,21 @@ pub trait Classify<E: ?Sized> {
         let _ = error;
         Outcome::Failure
     }
+
+    /// For a [`ErrorClass::Transient`] error that says the other side cannot
+    /// take the work *yet* and the work never reached it (a circuit breaker
+    /// rejecting calls, a node being probed back into service): how long to
+    /// wait before looking again.
+    ///
+    /// Such a retry costs the other side nothing, so it spends neither an
+    /// attempt nor the retry budget: the loop waits in steps of this length
+    /// until the work goes through or the policy's deadline comes (a policy
+    /// without a deadline treats the error as an ordinary retry). Default:
+    /// `None`, an ordinary retry.
+    fn unavailable_wait(&self, error: &E) -> Option<Duration> {
+        let _ = error;
+        None
+    }
 }
 
 impl<E: ?Sized, F> Classify<E> for F
@@ -131,6 +148,10 @@ impl<E: ?Sized, C: Classify<E>> Classify<E> for Idempotent<C> {
 
     fn breaker_outcome(&self, error: &E) -> Outcome {
         self.0.breaker_outcome(error)
+    }
+
+    fn unavailable_wait(&self, error: &E) -> Option<Duration> {
+        self.0.unavailable_wait(error)
     }
 }
 

@@ -223,7 +223,8 @@ impl RetryPolicy {
         self
     }
 
-    /// Attempts in all, the first included.
+    /// Attempts in all, the first included (waits for an unavailable
+    /// dependency not counted: see [`Classify::unavailable_wait`]).
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
@@ -254,6 +255,11 @@ impl RetryPolicy {
     /// Each retry emits a tracing event (at `INFO`) with the attempt number,
     /// the delay and the error, and increments the counter. An error the loop
     /// will not retry is returned with the attempt count and the reason.
+    ///
+    /// An error for which [`Classify::unavailable_wait`] gives a wait (the
+    /// other side cannot take the work yet and never saw it) is waited out
+    /// in steps of that length until the deadline, without spending an
+    /// attempt or the budget, and without a retry event or count.
     pub async fn run<T, E, C, F, Fut>(
         &self,
         op: &str,
@@ -276,6 +282,9 @@ impl RetryPolicy {
             .zip(started)
             .and_then(|(limit, started)| started.checked_add(limit));
         let mut attempt = 1;
+        // Attempts that count against `max_attempts` (waits for an
+        // unavailable other side do not).
+        let mut spent = 1;
         let mut previous_delay = Duration::ZERO;
         loop {
             let error = match operation(attempt).await {
@@ -287,10 +296,32 @@ impl RetryPolicy {
                 }
                 Err(error) => error,
             };
-            let reason = match classify.classify(&error) {
+            let class = classify.classify(&error);
+            // The other side cannot take the work yet and never saw it: wait
+            // for it until the deadline, spending no attempt and no budget.
+            if class == ErrorClass::Transient
+                && let Some(deadline) = deadline
+                && let Some(wait) = classify.unavailable_wait(&error)
+            {
+                if Instant::now() + wait > deadline {
+                    return Err(give_up(op, error, attempt, GiveUpReason::DeadlineReached));
+                }
+                tracing::debug!(
+                    op,
+                    attempt,
+                    wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    error = %error,
+                    "waiting for an unavailable dependency"
+                );
+                drop(error);
+                Box::pin(tokio::time::sleep(wait)).await;
+                attempt += 1;
+                continue;
+            }
+            let reason = match class {
                 ErrorClass::Permanent => Some(GiveUpReason::Permanent),
                 ErrorClass::TransientNotRepeatable => Some(GiveUpReason::NotRepeatable),
-                ErrorClass::Transient if attempt >= self.max_attempts => {
+                ErrorClass::Transient if spent >= self.max_attempts => {
                     Some(GiveUpReason::AttemptsExhausted)
                 }
                 ErrorClass::Transient => None,
@@ -298,7 +329,7 @@ impl RetryPolicy {
             if let Some(reason) = reason {
                 return Err(give_up(op, error, attempt, reason));
             }
-            let delay = self.backoff.delay(attempt, previous_delay);
+            let delay = self.backoff.delay(spent, previous_delay);
             let now = Instant::now();
             if deadline.is_some_and(|deadline| now + delay > deadline) {
                 return Err(give_up(op, error, attempt, GiveUpReason::DeadlineReached));
@@ -323,6 +354,7 @@ impl RetryPolicy {
             Box::pin(tokio::time::sleep(delay)).await;
             previous_delay = delay;
             attempt += 1;
+            spent += 1;
         }
     }
 }

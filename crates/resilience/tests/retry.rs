@@ -421,3 +421,78 @@ fn bad_settings_name_every_problem() {
     );
     assert!(RetryPolicy::from_settings(&RetrySettings::default()).is_ok());
 }
+
+/// `Refused` errors say the other side is not up yet and saw nothing.
+struct WaitsWhenRefused;
+
+impl Classify<TestError> for WaitsWhenRefused {
+    fn classify(&self, error: &TestError) -> ErrorClass {
+        classify(error)
+    }
+
+    fn unavailable_wait(&self, error: &TestError) -> Option<Duration> {
+        matches!(error, TestError::Refused(_)).then_some(20 * MS)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unavailable_dependency_is_waited_for_until_the_deadline_spending_nothing() {
+    // Two attempts, and a budget with nothing in it: ordinary retries would
+    // stop after one retry at most.
+    let budget = Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.0));
+    let policy = RetryPolicy::from_settings(&RetrySettings {
+        deadline: Some(1000 * MS),
+        ..settings(2)
+    })
+    .unwrap()
+    .with_budget(budget.clone());
+
+    // Back after 500 ms: the call waits in 20 ms steps and succeeds.
+    let start = Instant::now();
+    let value = policy
+        .run("op", &WaitsWhenRefused, |attempt| async move {
+            if start.elapsed() < 500 * MS {
+                Err(TestError::Refused(attempt))
+            } else {
+                Ok(attempt)
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(value, 26, "attempts at 0, 20, ..., 500 ms");
+    assert_eq!(start.elapsed(), 500 * MS);
+
+    // Never back: the deadline ends the wait, not the attempts or the budget.
+    let start = Instant::now();
+    let err = policy
+        .run("op", &WaitsWhenRefused, |attempt| async move {
+            Err::<(), _>(TestError::Refused(attempt))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, GiveUpReason::DeadlineReached);
+    assert_eq!(err.attempts, 51, "attempts at 0, 20, ..., 1000 ms");
+    assert_eq!(start.elapsed(), 1000 * MS);
+
+    // Other transient errors still spend attempts (and here the budget).
+    let err = policy
+        .run("op", &WaitsWhenRefused, |_| async {
+            Err::<(), _>(TestError::MaybeSent)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, GiveUpReason::NotRepeatable);
+
+    // Without a deadline, waiting could last for ever: ordinary retries.
+    let policy = RetryPolicy::from_settings(&settings(3)).unwrap();
+    let err = policy
+        .run("op", &WaitsWhenRefused, |attempt| async move {
+            Err::<(), _>(TestError::Refused(attempt))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.attempts, err.reason),
+        (3, GiveUpReason::AttemptsExhausted)
+    );
+}
