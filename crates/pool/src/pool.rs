@@ -521,6 +521,26 @@ impl Pool {
         tracing::info!(node = %shared.label, "clearing prepared-statement caches");
     }
 
+    /// Whether the node accepts sessions now: opens one connection past the
+    /// circuit breaker (TCP, TLS and login within `pool.connect_timeout`)
+    /// and adds it to the pool's idle connections (or closes it, if full).
+    ///
+    /// On success an open breaker moves to half-open, with this connect
+    /// counted as a successful probe, so the next checkouts try the node
+    /// without waiting out the rest of the open duration. For
+    /// a monitor that watches a node while its breaker keeps callers away:
+    /// a restarted server is back in use as soon as it accepts logins.
+    ///
+    /// # Errors
+    /// [`PoolError::Connect`] saying why the node refused (also kept as the
+    /// pool's last connect error); [`PoolError::Closed`] after [`Pool::close`].
+    pub async fn probe(&self) -> Result<(), PoolError> {
+        if self.is_closed() {
+            return Err(self.closed());
+        }
+        self.reopen().await.map_err(PoolError::Connect)
+    }
+
     /// Waits until no connection is on its way back to the pool.
     ///
     /// A connection dropped in an unknown session state (inside a
@@ -612,6 +632,27 @@ impl Pool {
         }
     }
 
+    /// Opens a connection past an open breaker. On success: adds it to the
+    /// pool, moves the breaker to half-open and counts the connect as a
+    /// successful probe.
+    async fn reopen(&self) -> Result<(), Arc<ConnectError>> {
+        let shared = &self.inner.shared;
+        let conn = self.inner.manager.open().await?;
+        self.add(conn);
+        if let Some(breaker) = &shared.breaker {
+            if breaker.probe_now() {
+                tracing::info!(
+                    node = %shared.label,
+                    "the node accepts connections again; circuit half-open"
+                );
+            }
+            if let Ok(permit) = breaker.acquire() {
+                permit.success();
+            }
+        }
+        Ok(())
+    }
+
     /// Opens `count` connections concurrently through the breaker and adds
     /// them to the pool.
     async fn open_many(&self, count: u32) -> Vec<Arc<ConnectError>> {
@@ -645,18 +686,7 @@ impl Pool {
                 BreakerState::Open if !shared.connect_failing.load(Ordering::Acquire) => {
                     return Refill::Healthy;
                 }
-                BreakerState::Open => match self.inner.manager.open().await {
-                    Ok(conn) => {
-                        self.add(conn);
-                        if breaker.probe_now() {
-                            tracing::info!(node = %shared.label, "node answers again; probing");
-                        }
-                        if let Ok(permit) = breaker.acquire() {
-                            permit.success();
-                        }
-                    }
-                    Err(_) => return Refill::Failed,
-                },
+                BreakerState::Open if self.reopen().await.is_err() => return Refill::Failed,
                 _ => {}
             }
         }

@@ -367,6 +367,51 @@ async fn a_shared_breaker_tripped_by_query_failures_is_not_overridden_by_the_poo
     // Connecting works, but the pool leaves the breaker to its open duration.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(pool.status().circuit.as_deref(), Some("open"));
+
+    // Until someone who watches the node asks: a probe past the breaker
+    // that gets in half-opens it (its connect the one probe allowed, and a
+    // success), and checkouts go through again.
+    let idle = pool.status().idle;
+    pool.probe().await?;
+    assert_eq!(pool.status().circuit.as_deref(), Some("closed"));
+    assert_eq!(
+        pool.status().idle,
+        idle + 1,
+        "the probe's connection is kept"
+    );
+    pool.get("after-probe").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_probe_of_a_node_that_is_down_says_why_and_leaves_the_breaker_open() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start().await?;
+    let proxy = ChaosProxy::start(cluster.addr()).await?;
+    let pool = common::builder(&proxy.url("postgres"))?.build().await?;
+    let breaker = pool
+        .circuit_breaker()
+        .expect("a breaker by default")
+        .clone();
+    proxy.set_mode(ProxyMode::Refuse);
+    while let Ok(permit) = breaker.acquire() {
+        permit.failure();
+    }
+    let err = pool.probe().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("connecting to {}", proxy.url("postgres"))),
+        "names the node and the cause: {err}"
+    );
+    assert_eq!(pool.status().circuit.as_deref(), Some("open"));
+    proxy.set_mode(ProxyMode::PassThrough);
+    pool.probe().await?;
+    assert_ne!(pool.status().circuit.as_deref(), Some("open"));
+    pool.close();
+    assert!(matches!(
+        pool.probe().await,
+        Err(pgstack_pool::PoolError::Closed { .. })
+    ));
     Ok(())
 }
 
