@@ -289,6 +289,9 @@ struct CallRules {
 
 impl Classify<Error> for CallRules {
     fn classify(&self, error: &Error) -> ErrorClass {
+        if error.is_forced_open() {
+            return ErrorClass::Permanent;
+        }
         if let Error::CircuitOpen {
             probe_in: Some(wait),
             ..
@@ -304,6 +307,23 @@ impl Classify<Error> for CallRules {
 
     fn breaker_outcome(&self, error: &Error) -> Outcome {
         self.rules.breaker_outcome(error)
+    }
+
+    /// Nothing reached the node: waiting for it spends no attempt and no
+    /// retry budget, only the call's deadline. The background probe
+    /// half-opens the breaker as soon as the node accepts logins again.
+    fn unavailable_wait(&self, error: &Error) -> Option<Duration> {
+        match error {
+            Error::CircuitOpen { probe_in, .. } => Some(
+                probe_in
+                    .map_or(UNAVAILABLE_POLL, |p| p.min(UNAVAILABLE_POLL))
+                    .max(Duration::from_millis(1)),
+            ),
+            Error::Unavailable { .. } => Some(UNAVAILABLE_POLL),
+            // "the database system is starting up": the login was refused.
+            Error::Database(db) if db.code == "57P03" => Some(STARTING_UP_POLL),
+            _ => None,
+        }
     }
 }
 
@@ -1520,6 +1540,14 @@ async fn role_of(conn: &PooledConnection) -> Result<Role, tokio_postgres::Error>
 /// Checks `node`'s role with a connection from its pool, within `timeout`.
 async fn check_role(node: &Node, timeout: Duration) -> Result<Role, String> {
     let check = async {
+        // An open breaker rejects checkouts: first see, past it, whether the
+        // node accepts sessions again (which half-opens the breaker).
+        if node
+            .circuit_breaker()
+            .is_some_and(|b| !b.state().allows_calls())
+        {
+            node.pool().probe().await.map_err(|e| e.to_string())?;
+        }
         let conn = node
             .pool()
             .get(ROLE_CHECK_OP)
@@ -1541,7 +1569,10 @@ async fn check_role(node: &Node, timeout: Duration) -> Result<Role, String> {
 /// Probes a node that failed a call until it answers, then puts it back
 /// into routing. While the primary stays down, also looks for a new one.
 async fn probe_until_back(cluster: Weak<ClusterInner>, node: Node) {
-    let mut delay = Duration::from_millis(100);
+    // Often at first (a restart is over in a second or two, and callers
+    // wait for the node), then less often for a long outage.
+    let down_since = Instant::now();
+    let mut delay = PROBE_FIRST_DELAY;
     let mut rounds: u32 = 0;
     loop {
         tokio::time::sleep(delay).await;
@@ -1579,9 +1610,30 @@ async fn probe_until_back(cluster: Weak<ClusterInner>, node: Node) {
                 }
             }
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
+        let cap = if down_since.elapsed() < PROBE_FAST_FOR {
+            PROBE_FAST_CAP
+        } else {
+            PROBE_SLOW_CAP
+        };
+        delay = (delay * 2).min(cap);
     }
 }
+
+/// The first background probe of a node that failed a call.
+const PROBE_FIRST_DELAY: Duration = Duration::from_millis(25);
+/// How long a node that stays down is probed often.
+const PROBE_FAST_FOR: Duration = Duration::from_secs(10);
+/// The longest pause between probes in that time.
+const PROBE_FAST_CAP: Duration = Duration::from_millis(100);
+/// The longest pause between probes after it.
+const PROBE_SLOW_CAP: Duration = Duration::from_secs(2);
+
+/// How often a call waiting for an unavailable node (its breaker open, with
+/// a probe due before the call's deadline) looks again: a local check, no
+/// traffic to the node.
+const UNAVAILABLE_POLL: Duration = Duration::from_millis(20);
+/// How often a call looks again while the node refuses logins as starting up.
+const STARTING_UP_POLL: Duration = Duration::from_millis(100);
 
 async fn current_lsn(node: &Node) -> Option<WalPosition> {
     let conn = node.pool().get("pgstack-replication-probe").await.ok()?;

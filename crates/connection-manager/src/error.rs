@@ -366,6 +366,20 @@ impl Error {
     }
 
     /// Whether the error says the node is unreachable or going away.
+    /// An open circuit that only an operator's reset closes (no probe is
+    /// ever due): waiting cannot help.
+    pub(crate) fn is_forced_open(&self) -> bool {
+        matches!(
+            self,
+            Error::CircuitOpen { source, .. }
+                if matches!(
+                    source.as_ref(),
+                    PoolError::CircuitOpen { source, .. }
+                        if source.state == pgstack_resilience::BreakerState::ForcedOpen
+                )
+        )
+    }
+
     pub(crate) fn is_node_failure(&self) -> bool {
         match self {
             Error::Connection { .. } | Error::Timeout { .. } | Error::Unavailable { .. } => true,
