@@ -13,7 +13,6 @@ use crate::load::Worker;
 /// Library names, as they appear in the tables and the JSON.
 pub(crate) const PGSTACK: &str = "pgstack";
 pub(crate) const PGSTACK_POOL: &str = "pgstack-pool";
-pub(crate) const PGSTACK_TUNED: &str = "pgstack-tuned";
 pub(crate) const RAW: &str = "tokio-postgres";
 pub(crate) const BB8: &str = "bb8-postgres";
 pub(crate) const DEADPOOL: &str = "deadpool-postgres";

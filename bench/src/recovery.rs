@@ -54,10 +54,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
         .column("callers_with_errors", "tasks that saw an error")
         .column("outage_s", "outage s")
         .headline("first_success_ms", Better::Lower);
-    for name in [PGSTACK, PGSTACK_TUNED, RAW, BB8, DEADPOOL, SQLX] {
+    for name in [PGSTACK, RAW, BB8, DEADPOOL, SQLX] {
         let lib = match name {
             PGSTACK => Lib::Pgstack(libs::pgstack(libs::pgstack_config(&ctx.url, POOL)?).await?),
-            PGSTACK_TUNED => Lib::Pgstack(libs::pgstack(tuned(&ctx.url)?).await?),
             RAW => Lib::Raw(ctx.url.clone()),
             BB8 => Lib::Bb8(libs::bb8(&ctx.url, POOL).await?),
             DEADPOOL => Lib::Deadpool(libs::deadpool(&ctx.url, POOL as usize)?),
@@ -171,30 +170,13 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
          if that came earlier. First success: the time from that mark to the first successful \
          call (0 when the library's own call set the mark). Failed calls count every error callers saw \
          from the kill on. Raw tokio-postgres reconnects its client after an error. \
-         pgstack-tuned is pgstack with `retry.max_attempts = 100`, `retry.initial_backoff = 20ms`, \
-         `retry.max_backoff = 200ms`, `retry.deadline = 10s`, `retry.budget_ratio = 1`, \
-         `retry.budget_min_per_second = 100000`, `circuit_breaker.open_duration = 200ms`, \
-         `circuit_breaker.max_open_duration = 1s`; every other row runs with its defaults.",
+         Every library runs with its defaults; pgstack's calls wait for the unavailable node \
+         until their retry deadline (`retry.deadline`, 30 s), and its background probe \
+         half-opens the breaker as soon as the server accepts logins again.",
         DEADLINE.as_secs(),
         DOWN_FOR.as_millis()
     ));
     Ok(vec![entry])
-}
-
-/// pgstack configured for short outages: retries that keep going until the
-/// caller's deadline, a retry budget that does not run dry under 64 callers,
-/// and a breaker that probes again after 200 ms (doubling up to 1 s).
-fn tuned(url: &str) -> anyhow::Result<pgstack::DatabaseConfig> {
-    let mut config = libs::pgstack_config(url, POOL)?;
-    config.retry.max_attempts = 100;
-    config.retry.initial_backoff = Duration::from_millis(20);
-    config.retry.max_backoff = Duration::from_millis(200);
-    config.retry.deadline = Some(DEADLINE);
-    config.retry.budget_ratio = 1.0;
-    config.retry.budget_min_per_second = 100_000;
-    config.circuit_breaker.open_duration = Duration::from_millis(200);
-    config.circuit_breaker.max_open_duration = Duration::from_secs(1);
-    Ok(config)
 }
 
 /// One kill and restart under `workers`.

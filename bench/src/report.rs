@@ -19,7 +19,6 @@ pub(crate) const END: &str = "<!-- bench:end -->";
 /// The libraries, in the order the tables list them.
 pub(crate) const ORDER: &[&str] = &[
     "pgstack",
-    "pgstack-tuned",
     "pgstack-pool",
     "tokio-postgres",
     "bb8-postgres",

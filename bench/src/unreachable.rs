@@ -153,6 +153,9 @@ async fn pgstack_open_breaker(
     // the peers' cap, instead of the default 35 s.
     config.query.statement_timeout = Some(Duration::from_secs(2));
     config.pool.connect_timeout = Duration::from_secs(1);
+    // The callers' deadline is the peers' 3 s cap too: a call waits for the
+    // node only while its breaker will probe before then.
+    config.retry.deadline = Some(Duration::from_secs(3));
     let db = libs::pgstack(config).await?;
     for _ in 0..10 {
         db.query_one("select-1", Route::Read, SELECT_1, &[]).await?;
@@ -189,7 +192,9 @@ async fn pgstack_open_breaker(
     }
     let mut notes = vec![format!(
         "pgstack runs with `query.statement_timeout = 2s` and `pool.connect_timeout = 1s` here \
-         (an attempt is bounded by their sum, 3 s; the defaults give 35 s). Its breaker opened \
+         (an attempt is bounded by their sum, 3 s; the defaults give 35 s) and the callers' \
+         deadline of 3 s as `retry.deadline` (default 30 s): a call waits for an unavailable node \
+         only while its breaker will probe before that deadline. Its breaker opened \
          {:.1} s after the black hole began, with 16 tasks calling; the figures are the calls \
          made while it was open.",
         time_to_open.as_secs_f64()
@@ -251,7 +256,7 @@ async fn pgstack_open_breaker(
     m.set("capped", "no");
     m.set(
         "default_wait",
-        "breaker open: each call retried (3 attempts, backoff)",
+        "breaker open, next probe after the call's deadline: fails at once",
     );
     pool_m.set("capped", "no");
     pool_m.set("default_wait", "breaker open: fails at once");
