@@ -1,0 +1,117 @@
+//! A restarted primary with the default retry and breaker settings: reads
+//! whose deadline outlasts the outage wait for the node instead of failing,
+//! and the background probe puts the node back in use as soon as it accepts
+//! logins, not when the breaker's open duration runs out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgstack_config::{DatabaseConfig, RetrySettings};
+use pgstack_connection::{Cluster, Route};
+use pgstack_tests::{TestCluster, TestDb};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_out_a_restart_and_resume_as_soon_as_the_server_accepts_logins() {
+    let server = TestCluster::start().await.unwrap();
+    let db = TestDb::on(&server).await.unwrap();
+    let mut config = DatabaseConfig::for_tests(db.url()).unwrap();
+    config.pool.max_size = 8;
+    config.pool.min_idle = 2;
+    // The defaults that matter here, spelled out: 3 attempts, a 20 % retry
+    // budget, a breaker open for 5 s once tripped; callers give 15 s.
+    config.retry = RetrySettings {
+        deadline: Some(Duration::from_secs(15)),
+        ..RetrySettings::default()
+    };
+    assert_eq!(config.retry.max_attempts, 3);
+    assert_eq!(config.circuit_breaker.open_duration, Duration::from_secs(5));
+    let cluster = Cluster::connect(&config).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let cluster = cluster.clone();
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut successes = Vec::new();
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    match cluster
+                        .query_one("read", Route::Read, "SELECT 1", &[])
+                        .await
+                    {
+                        Ok(_) => successes.push(Instant::now()),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (successes, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill9().await.unwrap();
+    let killed = Instant::now();
+    // Long enough for the breaker to open: every reader is waiting on it.
+    assert!(
+        wait_for(Duration::from_secs(5), || breaker_state(&cluster) == "open").await,
+        "the breaker opens while the server is down: {}",
+        breaker_state(&cluster)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.start_again().await.unwrap();
+    let back = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || breaker_state(&cluster)
+            == "closed")
+        .await,
+        "the breaker closes again: {}",
+        breaker_state(&cluster)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Release);
+
+    let mut errors = Vec::new();
+    let mut first_after = None::<Instant>;
+    for reader in readers {
+        let (successes, e) = reader.await.unwrap();
+        errors.extend(e);
+        let first = successes.into_iter().find(|t| *t > back);
+        assert!(first.is_some(), "every reader succeeds after the restart");
+        first_after = first_after.min(first).or(first);
+    }
+    assert_eq!(errors, Vec::<String>::new(), "no read failed");
+    // The breaker opened right after the kill and would let a probe through
+    // 5 s later on its own; the background probe half-opened it when the
+    // server took logins again.
+    let first_after = first_after.unwrap();
+    assert!(
+        first_after < killed + Duration::from_secs(4),
+        "reads resumed {:?} after the server came back ({:?} after the kill), \
+         before the breaker's own probe",
+        first_after - back,
+        first_after - killed
+    );
+    cluster.close(Duration::from_secs(2)).await;
+}
+
+fn breaker_state(cluster: &Cluster) -> String {
+    cluster.metrics().nodes[0]
+        .breaker
+        .clone()
+        .unwrap_or_default()
+}
+
+async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
