@@ -238,6 +238,10 @@ impl Proxied {
     }
 }
 
+/// Writes that end between two resets of the writes-under-resets phase, at
+/// least.
+const RESET_AFTER_WRITES: u64 = 20;
+
 async fn insert(db: &Database, id: i64) -> Result<u64, Error> {
     db.execute(
         "post-entry",
@@ -342,18 +346,27 @@ async fn connection_resets_fail_few_reads_and_never_duplicate_a_write() {
         }
         assert!(failed < 3, "{failed} of 25 reconnecting reads failed");
 
-        // Writes under random resets.
+        // Writes under random resets: one every 10-60 ms, but never before
+        // RESET_AFTER_WRITES writes have ended since the last one. A reset
+        // fails the writes in flight on the connections it cuts; spacing
+        // resets by finished writes as well as by time keeps the share of
+        // writes it hits the same on a fast machine and on a saturated one
+        // (a soak runs every scenario at once on two cores), so the check
+        // below measures pgstack, not the machine.
         let stop = Arc::new(AtomicBool::new(false));
         let chaos_resets = Arc::new(AtomicU64::new(0));
+        let ended = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = (0..16_i64)
             .map(|task| {
                 let db = db.clone();
+                let ended = Arc::clone(&ended);
                 tokio::spawn(async move {
                     let mut ledger = Ledger::default();
                     let mut kinds = Kinds::default();
-                    for i in 0..50_i64 {
+                    for i in 0..100_i64 {
                         let id = i64::try_from(round).unwrap() * 100_000 + task * 1000 + i;
                         let outcome = insert(&db, id).await;
+                        ended.fetch_add(1, Ordering::Release);
                         if let Err(error) = &outcome {
                             kinds.add(error);
                         }
@@ -366,11 +379,22 @@ async fn connection_resets_fail_few_reads_and_never_duplicate_a_write() {
         let chaos = {
             let stop = Arc::clone(&stop);
             let count = Arc::clone(&chaos_resets);
+            let ended = Arc::clone(&ended);
             let proxy = &setup.proxy;
             async move {
+                let mut last = 0;
                 while !stop.load(Ordering::Acquire) {
                     let pause = rand::rng().random_range(10..60);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
+                    while !stop.load(Ordering::Acquire)
+                        && ended.load(Ordering::Acquire) < last + RESET_AFTER_WRITES
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    last = ended.load(Ordering::Acquire);
                     proxy.reset_all();
                     count.fetch_add(1, Ordering::Relaxed);
                 }
