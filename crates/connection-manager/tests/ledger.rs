@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use pgstack_connection::{Cluster, Error, IsolationLevel, Route, TransactionOptions};
@@ -38,14 +38,32 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
     config.retry.max_attempts = 10;
     let cluster = Cluster::connect(&config).await.unwrap();
 
+    // A reset every 10-60 ms, but never before RESET_AFTER inserts have
+    // ended since the last one: a reset fails the inserts in flight on the
+    // connections it cuts (up to one per task), so spacing resets by
+    // finished inserts as well as by time keeps the share it hits the same
+    // on a fast machine and on a saturated one.
+    const RESET_AFTER: u64 = 60;
     let stop = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(AtomicU64::new(0));
     let chaos = {
         let stop = Arc::clone(&stop);
+        let ended = Arc::clone(&ended);
         tokio::spawn(async move {
             let mut resets = 0;
+            let mut last = 0;
             while !stop.load(Ordering::Acquire) {
                 let pause = rand::rng().random_range(10..60);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
+                while !stop.load(Ordering::Acquire)
+                    && ended.load(Ordering::Acquire) < last + RESET_AFTER
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                last = ended.load(Ordering::Acquire);
                 proxy.reset_all();
                 resets += 1;
             }
@@ -58,20 +76,22 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
     let mut tasks = Vec::new();
     for task in 0..TASKS {
         let cluster = cluster.clone();
+        let ended = Arc::clone(&ended);
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             for i in 0..PER_TASK {
                 let id = task * PER_TASK + i;
                 let amount = (id % 97) as i32;
-                match cluster
+                let outcome = cluster
                     .execute(
                         "post-entry",
                         Route::Write,
                         "INSERT INTO ledger (id, amount) VALUES ($1, $2)",
                         &[&id, &amount],
                     )
-                    .await
-                {
+                    .await;
+                ended.fetch_add(1, Ordering::Release);
+                match outcome {
                     Ok(1) => tally.ok.push(id),
                     Ok(n) => panic!("insert {id} affected {n} rows"),
                     Err(Error::CommitOutcomeUnknown { .. }) => tally.unknown.push(id),
@@ -135,11 +155,10 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
     assert_eq!(metrics.queries as usize, total);
     assert_eq!(metrics.unknown_outcomes as usize, all.unknown.len());
     assert!(resets > 10, "the proxy reset connections ({resets})");
-    // Under resets this frequent, connects fail too and the breaker may
-    // reject calls for a while (more so on a loaded machine): the cluster
-    // must still get a fair share through.
+    // Most inserts are acknowledged: a reset costs the inserts it cuts, and
+    // the cluster is back to work right after it.
     assert!(
-        all.ok.len() >= total / 10,
+        all.ok.len() > total / 2,
         "the cluster kept working through the resets ({} of {total} acknowledged)",
         all.ok.len()
     );
