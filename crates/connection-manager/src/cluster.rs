@@ -601,14 +601,17 @@ impl Cluster {
             Err(e) => return Err((e, None)),
         };
         let last_node = std::sync::Mutex::new(None::<Node>);
+        let deadline = op
+            .retry_deadline_override()
+            .or_else(|| self.inner.retry.deadline());
         let rules = CallRules {
             rules,
-            give_up_at: self.inner.retry.deadline().map(|d| Instant::now() + d),
+            give_up_at: deadline.map(|d| Instant::now() + d),
         };
         let result = self
             .inner
             .retry
-            .run(op.name(), &rules, |n| {
+            .run_within(deadline, op.name(), &rules, |n| {
                 if n > 1 {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 }

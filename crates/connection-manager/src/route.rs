@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A position in the write-ahead log (PostgreSQL's `pg_lsn`).
 ///
@@ -107,22 +108,27 @@ impl fmt::Display for Route {
     }
 }
 
-/// The name of an operation (`"fetch-bills"`), and whether it is safe to
-/// repeat.
+/// The name of an operation (`"fetch-bills"`), whether it is safe to
+/// repeat, and the caller's deadline for its retries.
 ///
 /// Every call takes one: it labels spans, metrics, slow-query logs and
 /// errors. A `&'static str` converts without allocating.
 ///
 /// ```
+/// use std::time::Duration;
 /// use pgstack_connection::Op;
-/// let op = Op::from("upsert-user").idempotent();
+/// let op = Op::from("upsert-user")
+///     .idempotent()
+///     .retry_deadline(Duration::from_secs(2));
 /// assert_eq!(op.name(), "upsert-user");
 /// assert!(op.is_idempotent());
+/// assert_eq!(op.retry_deadline_override(), Some(Duration::from_secs(2)));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Op {
     name: Name,
     idempotent: bool,
+    retry_deadline: Option<Duration>,
 }
 
 /// An operation name: static text, or shared text (cloned per call without
@@ -143,6 +149,7 @@ impl Op {
         Op {
             name,
             idempotent: false,
+            retry_deadline: None,
         }
     }
 
@@ -152,6 +159,23 @@ impl Op {
     pub fn idempotent(mut self) -> Self {
         self.idempotent = true;
         self
+    }
+
+    /// This call's retry deadline, in place of `retry.deadline`: no retry,
+    /// and no wait for a node that is down, starts later than `within`
+    /// after the call began, and an open breaker whose next probe comes
+    /// after it fails the call at once. For a caller with a deadline of its
+    /// own (an HTTP handler's 2 s): it fails fast instead of waiting for a
+    /// recovery it cannot use. One attempt is still bounded by
+    /// `statement_timeout + connect_timeout`, not by this.
+    pub fn retry_deadline(mut self, within: Duration) -> Self {
+        self.retry_deadline = Some(within);
+        self
+    }
+
+    /// The deadline set with [`Op::retry_deadline`], if any.
+    pub fn retry_deadline_override(&self) -> Option<Duration> {
+        self.retry_deadline
     }
 
     /// The name.

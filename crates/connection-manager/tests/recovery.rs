@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgstack_config::{DatabaseConfig, RetrySettings};
-use pgstack_connection::{Cluster, Route};
+use pgstack_connection::{Cluster, Error, Op, Route};
 use pgstack_tests::{TestCluster, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,6 +94,50 @@ async fn reads_wait_out_a_restart_and_resume_as_soon_as_the_server_accepts_login
          before the breaker's own probe",
         first_after - back,
         first_after - killed
+    );
+    cluster.close(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_call_with_a_short_retry_deadline_fails_at_once_where_others_wait() {
+    let db = TestDb::new().await.unwrap();
+    let mut config = DatabaseConfig::for_tests(db.url()).unwrap();
+    config.retry.deadline = Some(Duration::from_secs(10));
+    config.circuit_breaker.open_duration = Duration::from_secs(2);
+    let cluster = Cluster::connect(&config).await.unwrap();
+    // Trip the node's breaker: its next probe is 2 s away.
+    let breaker = cluster.primary().circuit_breaker().unwrap().clone();
+    while let Ok(permit) = breaker.acquire() {
+        permit.failure();
+    }
+    assert_eq!(breaker_state(&cluster), "open");
+
+    // A caller that has 200 ms cannot use a node back in 2 s: it fails at
+    // once, told which node and when the probe comes.
+    let started = Instant::now();
+    let op = Op::from("hurried").retry_deadline(Duration::from_millis(200));
+    let error = cluster
+        .query_one(op, Route::Read, "SELECT 1", &[])
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(&error, Error::CircuitOpen { node, probe_in: Some(_), .. } if node.as_ref() == "primary"),
+        "{error:?}"
+    );
+    assert!(took < Duration::from_millis(150), "failed after {took:?}");
+
+    // A caller with the configured 10 s waits, and the node (up all along)
+    // is back as soon as the background probe half-opens the breaker.
+    let started = Instant::now();
+    cluster
+        .query_one("patient", Route::Read, "SELECT 1", &[])
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the probe, not the open duration, ended the wait: {:?}",
+        started.elapsed()
     );
     cluster.close(Duration::from_secs(2)).await;
 }

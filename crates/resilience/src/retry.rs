@@ -264,6 +264,26 @@ impl RetryPolicy {
         &self,
         op: &str,
         classify: &C,
+        operation: F,
+    ) -> Result<T, RetryError<E>>
+    where
+        E: fmt::Display,
+        C: Classify<E> + ?Sized,
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_within(self.deadline, op, classify, operation)
+            .await
+    }
+
+    /// [`RetryPolicy::run`] with `deadline` in place of the policy's own,
+    /// for one call whose caller has a deadline of its own (`None`: no
+    /// deadline).
+    pub async fn run_within<T, E, C, F, Fut>(
+        &self,
+        deadline: Option<Duration>,
+        op: &str,
+        classify: &C,
         mut operation: F,
     ) -> Result<T, RetryError<E>>
     where
@@ -273,12 +293,11 @@ impl RetryPolicy {
         Fut: Future<Output = Result<T, E>>,
     {
         // One clock read serves the deadline and the budget (none without them).
-        let started = (self.budget.is_some() || self.deadline.is_some()).then(Instant::now);
+        let started = (self.budget.is_some() || deadline.is_some()).then(Instant::now);
         if let (Some(budget), Some(now)) = (&self.budget, started) {
             budget.deposit_at(now);
         }
-        let deadline = self
-            .deadline
+        let deadline = deadline
             .zip(started)
             .and_then(|(limit, started)| started.checked_add(limit));
         let mut attempt = 1;

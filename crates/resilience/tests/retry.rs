@@ -496,3 +496,38 @@ async fn an_unavailable_dependency_is_waited_for_until_the_deadline_spending_not
         (3, GiveUpReason::AttemptsExhausted)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_can_bring_its_own_deadline() {
+    let policy = RetryPolicy::from_settings(&RetrySettings {
+        multiplier: 1.0,
+        initial_backoff: 1000 * MS,
+        deadline: Some(10_000 * MS),
+        ..settings(100)
+    })
+    .unwrap();
+    let times = |deadline| {
+        let policy = policy.clone();
+        async move {
+            let start = Instant::now();
+            let mut times = Vec::new();
+            let err = policy
+                .run_within(deadline, "op", &classify, |attempt| {
+                    times.push(start.elapsed().as_millis());
+                    async move { Err::<(), _>(TestError::Refused(attempt)) }
+                })
+                .await
+                .unwrap_err();
+            (times, err.reason)
+        }
+    };
+    let (short, reason) = times(Some(2500 * MS)).await;
+    assert_eq!(short, [0, 1000, 2000]);
+    assert_eq!(reason, GiveUpReason::DeadlineReached);
+    // The policy's own deadline does not apply to a call that brings one.
+    let (long, _) = times(Some(20_000 * MS)).await;
+    assert_eq!(long.len(), 21, "attempts at 0, 1, ..., 20 s");
+    let (none, reason) = times(None).await;
+    assert_eq!(none.len(), 100, "no deadline: the attempts bound the call");
+    assert_eq!(reason, GiveUpReason::AttemptsExhausted);
+}
