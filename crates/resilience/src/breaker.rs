@@ -855,7 +855,7 @@ impl Shared {
 
 impl BreakerPolicy {
     /// Validates `settings`; see [`CircuitBreaker::new`] for the rules.
-    /// Slow-call detection is on.
+    /// Slow-call detection follows `slow_call_detection`.
     pub fn from_settings(settings: &CircuitBreakerSettings) -> Result<Self, InvalidSettings> {
         let s = settings;
         let rate = |r: f64| r > 0.0 && r <= 1.0;
@@ -924,7 +924,7 @@ impl BreakerPolicy {
         );
         c.finish()?;
         Ok(BreakerPolicy {
-            detect_slow: true,
+            detect_slow: s.slow_call_detection,
             failure_rate_threshold: s.failure_rate_threshold,
             slow_call_rate_threshold: s.slow_call_rate_threshold,
             slow_call_duration: s.slow_call_duration,

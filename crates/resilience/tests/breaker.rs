@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::{Logs, TestRecorder};
 use pgstack_config::{CircuitBreakerSettings, SlidingWindow};
 use pgstack_resilience::{
-    BreakerError, BreakerState, CircuitBreaker, Outcome, STATE_METRIC, TransitionReason,
+    BreakerError, BreakerPolicy, BreakerState, CircuitBreaker, Outcome, STATE_METRIC,
+    TransitionReason,
 };
 use tokio::time::{Instant, advance};
 
@@ -18,6 +19,7 @@ const MS: Duration = Duration::from_millis(1);
 fn settings() -> CircuitBreakerSettings {
     CircuitBreakerSettings {
         failure_rate_threshold: 0.5,
+        slow_call_detection: true,
         slow_call_rate_threshold: 1.0,
         slow_call_duration: 1000 * MS,
         minimum_calls: 4,
@@ -95,6 +97,37 @@ async fn count_window_forgets_old_failures() {
     assert_eq!(breaker.state(), BreakerState::Closed, "4 of 10");
     record(&breaker, Outcome::Failure);
     assert_eq!(breaker.state(), BreakerState::Open, "5 of 10");
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_call_detection_can_be_switched_off_in_the_settings() {
+    let s = CircuitBreakerSettings {
+        slow_call_rate_threshold: 0.5,
+        slow_call_detection: false,
+        ..settings()
+    };
+    assert!(
+        !BreakerPolicy::from_settings(&s)
+            .unwrap()
+            .detects_slow_calls()
+    );
+    assert!(
+        BreakerPolicy::from_settings(&settings())
+            .unwrap()
+            .detects_slow_calls()
+    );
+    let breaker = CircuitBreaker::new("db-1", &s).unwrap();
+    for _ in 0..4 {
+        let permit = breaker.acquire().unwrap();
+        advance(5000 * MS).await;
+        permit.record(Outcome::Success);
+    }
+    assert_eq!(breaker.snapshot().slow_calls, 0);
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "slow calls are not counted"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -454,6 +487,7 @@ async fn transitions_are_published_to_subscribers_tracing_and_the_gauge() {
 fn bad_settings_name_every_problem() {
     let bad = CircuitBreakerSettings {
         failure_rate_threshold: 0.0,
+        slow_call_detection: true,
         slow_call_rate_threshold: 1.5,
         slow_call_duration: Duration::ZERO,
         minimum_calls: 0,

@@ -71,6 +71,7 @@ fn settings() -> impl Strategy<Value = CircuitBreakerSettings> {
             |(fail, slow, min, (kind, size, window_ms), open_ms, mult, probes)| {
                 CircuitBreakerSettings {
                     failure_rate_threshold: fail,
+                    slow_call_detection: true,
                     slow_call_rate_threshold: slow,
                     slow_call_duration: millis(100),
                     minimum_calls: min,
