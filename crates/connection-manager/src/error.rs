@@ -365,7 +365,6 @@ impl Error {
         }
     }
 
-    /// Whether the error says the node is unreachable or going away.
     /// An open circuit that only an operator's reset closes (no probe is
     /// ever due): waiting cannot help.
     pub(crate) fn is_forced_open(&self) -> bool {
@@ -380,6 +379,7 @@ impl Error {
         )
     }
 
+    /// Whether the error says the node is unreachable or going away.
     pub(crate) fn is_node_failure(&self) -> bool {
         match self {
             Error::Connection { .. } | Error::Timeout { .. } | Error::Unavailable { .. } => true,
