@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -57,18 +59,30 @@ async fn reads_wait_out_a_restart_and_resume_as_soon_as_the_server_accepts_login
     let killed = Instant::now();
     // Long enough for the breaker to open: every reader is waiting on it.
     assert!(
-        wait_for(Duration::from_secs(5), || breaker_state(&cluster) == "open").await,
+        common::eventually(Duration::from_secs(5), || async {
+            breaker_state(&cluster) == "open"
+        })
+        .await,
         "the breaker opens while the server is down: {}",
         breaker_state(&cluster)
     );
-    // Left alone, the breaker would let a probe through 5 s from now.
-    let breaker_probe = Instant::now() + Duration::from_secs(5);
+    // Left alone, the breaker would let a probe through then (5 s after it
+    // opened).
+    let breaker_probe = cluster
+        .primary()
+        .circuit_breaker()
+        .unwrap()
+        .snapshot()
+        .probe_at
+        .expect("an open breaker has a probe scheduled")
+        .into_std();
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.start_again().await.unwrap();
     let back = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(10), || breaker_state(&cluster)
-            == "closed")
+        common::eventually(Duration::from_secs(10), || async {
+            breaker_state(&cluster) == "closed"
+        })
         .await,
         "the breaker closes again: {}",
         breaker_state(&cluster)
@@ -157,15 +171,4 @@ fn breaker_state(cluster: &Cluster) -> String {
         .breaker
         .clone()
         .unwrap_or_default()
-}
-
-async fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    check()
 }
