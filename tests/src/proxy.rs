@@ -3,9 +3,10 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use rand::Rng as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -156,6 +157,35 @@ impl ChaosProxy {
     /// connections are not affected.
     pub fn reset_all(&self) {
         self.resets.send_modify(|generation| *generation += 1);
+    }
+
+    /// Resets every open connection again and again until `stop` is set,
+    /// and returns how many times it did: each reset comes after a random
+    /// pause of 10–60 ms, and never before `at_least` operations have ended
+    /// since the previous one (the caller counts them in `ended`).
+    ///
+    /// A reset cuts the operations in flight on the connections it resets.
+    /// Pacing resets by finished operations as well as by time keeps the
+    /// share of operations they cut the same on a fast machine and on a
+    /// saturated one, so a test's checks measure the code under test, not
+    /// the machine.
+    pub async fn keep_resetting(&self, stop: &AtomicBool, ended: &AtomicU64, at_least: u64) -> u64 {
+        let mut resets = 0;
+        let mut last = 0;
+        while !stop.load(Ordering::Acquire) {
+            let pause = rand::rng().random_range(10..60);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            while !stop.load(Ordering::Acquire) && ended.load(Ordering::Acquire) < last + at_least {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            last = ended.load(Ordering::Acquire);
+            self.reset_all();
+            resets += 1;
+        }
+        resets
     }
 
     /// The counters.

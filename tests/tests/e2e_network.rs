@@ -23,7 +23,6 @@ use common::{Figures, Kinds, LEDGER_TABLE, Ledger, Rounds};
 use pgstack::config::NodeSettings;
 use pgstack::{Database, Error, Route};
 use pgstack_tests::{ChaosProxy, ProxyMode, TestCluster, TestDb};
-use rand::Rng;
 
 /// Whether a read was answered by a standby (`None`: it failed).
 async fn read_on_standby(db: &Database, kinds: &mut Kinds) -> Option<bool> {
@@ -347,14 +346,10 @@ async fn connection_resets_fail_few_reads_and_never_duplicate_a_write() {
         assert!(failed < 3, "{failed} of 25 reconnecting reads failed");
 
         // Writes under random resets: one every 10-60 ms, but never before
-        // RESET_AFTER_WRITES writes have ended since the last one. A reset
-        // fails the writes in flight on the connections it cuts; spacing
-        // resets by finished writes as well as by time keeps the share of
-        // writes it hits the same on a fast machine and on a saturated one
-        // (a soak runs every scenario at once on two cores), so the check
-        // below measures pgstack, not the machine.
-        let stop = Arc::new(AtomicBool::new(false));
-        let chaos_resets = Arc::new(AtomicU64::new(0));
+        // RESET_AFTER_WRITES writes have ended since the last one
+        // (`ChaosProxy::keep_resetting`), so that on the saturated machine
+        // of a soak a reset cuts no larger share of the writes.
+        let stop = AtomicBool::new(false);
         let ended = Arc::new(AtomicU64::new(0));
         let tasks: Vec<_> = (0..16_i64)
             .map(|task| {
@@ -376,30 +371,9 @@ async fn connection_resets_fail_few_reads_and_never_duplicate_a_write() {
                 })
             })
             .collect();
-        let chaos = {
-            let stop = Arc::clone(&stop);
-            let count = Arc::clone(&chaos_resets);
-            let ended = Arc::clone(&ended);
-            let proxy = &setup.proxy;
-            async move {
-                let mut last = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let pause = rand::rng().random_range(10..60);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    while !stop.load(Ordering::Acquire)
-                        && ended.load(Ordering::Acquire) < last + RESET_AFTER_WRITES
-                    {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    if stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    last = ended.load(Ordering::Acquire);
-                    proxy.reset_all();
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        };
+        let chaos = setup
+            .proxy
+            .keep_resetting(&stop, &ended, RESET_AFTER_WRITES);
         let writers = async {
             for task in tasks {
                 let (l, k) = task.await.unwrap();
@@ -409,8 +383,8 @@ async fn connection_resets_fail_few_reads_and_never_duplicate_a_write() {
             }
             stop.store(true, Ordering::Release);
         };
-        tokio::join!(chaos, writers);
-        resets += chaos_resets.load(Ordering::Relaxed);
+        let (chaos_resets, ()) = tokio::join!(chaos, writers);
+        resets += chaos_resets;
     }
     let reconciled = common::reconcile(&setup.tdb.client().await.unwrap(), &ledger).await;
     common::assert_reconciled("resets", &ledger, reconciled);

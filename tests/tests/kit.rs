@@ -628,3 +628,32 @@ async fn the_kit_works_under_a_paused_clock() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn keep_resetting_waits_for_finished_operations_between_resets() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    // No connection goes through: only the pacing is under test.
+    let proxy = ChaosProxy::start("127.0.0.1:9".parse()?).await?;
+    let stop = AtomicBool::new(false);
+    let ended = AtomicU64::new(0);
+    let operations = async {
+        // Nothing ends for 300 ms: no reset, whatever the pauses.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Then 5 operations end, twice: one reset after each batch, since
+        // each pause (10-60 ms) is shorter than the 300 ms between them.
+        for _ in 0..2 {
+            ended.fetch_add(5, Ordering::Release);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // Fewer than 5 more: no third reset.
+        ended.fetch_add(4, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Release);
+    };
+    let (resets, ()) = tokio::join!(proxy.keep_resetting(&stop, &ended, 5), operations);
+    assert_eq!(
+        resets, 2,
+        "one reset per 5 ended operations, none before them"
+    );
+    Ok(())
+}

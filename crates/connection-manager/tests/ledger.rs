@@ -39,10 +39,8 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
     let cluster = Cluster::connect(&config).await.unwrap();
 
     // A reset every 10-60 ms, but never before RESET_AFTER inserts have
-    // ended since the last one: a reset fails the inserts in flight on the
-    // connections it cuts (up to one per task), so spacing resets by
-    // finished inserts as well as by time keeps the share it hits the same
-    // on a fast machine and on a saturated one.
+    // ended since the last one (`ChaosProxy::keep_resetting`): a reset fails
+    // the inserts in flight on the connections it cuts, up to one per task.
     const RESET_AFTER: u64 = 60;
     let stop = Arc::new(AtomicBool::new(false));
     let ended = Arc::new(AtomicU64::new(0));
@@ -50,23 +48,7 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
         let stop = Arc::clone(&stop);
         let ended = Arc::clone(&ended);
         tokio::spawn(async move {
-            let mut resets = 0;
-            let mut last = 0;
-            while !stop.load(Ordering::Acquire) {
-                let pause = rand::rng().random_range(10..60);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                while !stop.load(Ordering::Acquire)
-                    && ended.load(Ordering::Acquire) < last + RESET_AFTER
-                {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                last = ended.load(Ordering::Acquire);
-                proxy.reset_all();
-                resets += 1;
-            }
+            let resets = proxy.keep_resetting(&stop, &ended, RESET_AFTER).await;
             (proxy, resets)
         })
     };
