@@ -1,0 +1,318 @@
+//! The cluster: nodes, routing, the call API, retries, re-discovery,
+//! replication figures, metrics and shutdown. One file per seam:
+//! `builder` (construction), `retry` (what may be repeated), `statement`
+//! (statement helpers and shared connections), `closure` (closures and raw
+//! checkouts), `transaction`, `discovery` (roles, failover, probes of failed
+//! nodes) and `replication` (replay positions and lag).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use metrics::SharedString;
+use pgstack_config::DatabaseConfig;
+use pgstack_pool::{PoolBuilder, PooledConnection, TransactionOptions};
+use pgstack_resilience::{Classify, ErrorClass, Outcome, RetryPolicy};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, SimpleQueryMessage};
+use tracing::Instrument;
+
+use crate::conn::{self, Connection, Got, Transaction, Want, run_statement};
+use crate::error::{Error, is_rejected_before_effect, is_transient_sqlstate};
+use crate::node::{Lane, Node, Role};
+use crate::route::{Op, Route, WalPosition};
+use crate::sqlcheck;
+use crate::stats::{
+    ClusterMetrics, Counters, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,
+    SLOW_QUERIES_METRIC,
+};
+
+mod builder;
+mod closure;
+mod discovery;
+mod replication;
+mod retry;
+mod statement;
+mod transaction;
+
+pub use self::builder::ClusterBuilder;
+use self::discovery::*;
+use self::retry::*;
+
+/// Operation name used for the cluster's own checks.
+pub(super) const ROLE_CHECK_OP: &str = "pgstack-role-check";
+
+/// The settings the hot path reads, copied out of the configuration.
+#[derive(Clone, Debug)]
+pub(super) struct Settings {
+    read_replicas: bool,
+    max_lag: Duration,
+    slow_threshold: Option<Duration>,
+    log_parameters: bool,
+    prepared: bool,
+    attempt_timeout: Option<Duration>,
+    check_timeout: Duration,
+}
+
+pub(crate) struct ClusterInner {
+    nodes: Vec<Node>,
+    primary: AtomicUsize,
+    next_read: AtomicUsize,
+    settings: Settings,
+    retry: RetryPolicy,
+    pub(crate) counters: Counters,
+    closing: AtomicBool,
+    in_flight: AtomicU64,
+    drained: Notify,
+    discovery: tokio::sync::Mutex<()>,
+    discovery_epoch: AtomicU64,
+}
+
+/// A PostgreSQL cluster: one primary and any number of replicas, each node
+/// with its own pool and circuit breaker.
+///
+/// Cheap to clone; clones share everything. See the [crate docs](crate) for
+/// an example and `docs/connection.md` for the rules.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<ClusterInner>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.inner.nodes)
+            .field("primary", &self.primary().name())
+            .field("closing", &self.inner.closing.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// What [`Cluster::close`] found.
+#[derive(Clone, Debug, serde::Serialize)]
+#[non_exhaustive]
+pub struct CloseReport {
+    /// Calls still running when the deadline passed (cut off).
+    pub cut_off: u64,
+    /// Connections still checked out of the pools when they were closed.
+    pub connections_in_use: u32,
+}
+
+/// The guard of one call: counts it in flight for shutdown.
+pub(super) struct Work<'a>(&'a ClusterInner);
+
+impl Drop for Work<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.closing.load(Ordering::Acquire)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// What one attempt reports besides its value: the node it ran on.
+pub(super) type Attempt<T> = Result<(T, Node), (Error, Option<Node>)>;
+
+impl Cluster {
+    /// A builder for a cluster from `config` (`primary`, `replicas` and every
+    /// other section).
+    pub fn builder(config: &DatabaseConfig) -> ClusterBuilder {
+        ClusterBuilder {
+            config: config.clone(),
+            lanes: None,
+            replication_probe: None,
+        }
+    }
+
+    /// A cluster from `config` with the default options.
+    ///
+    /// # Errors
+    /// As [`ClusterBuilder::build`].
+    pub async fn connect(config: &DatabaseConfig) -> Result<Cluster, Error> {
+        Cluster::builder(config).build().await
+    }
+
+    /// Every node: the configured primary first, then the replicas.
+    pub fn nodes(&self) -> &[Node] {
+        &self.inner.nodes
+    }
+
+    /// The node named `name` (`primary`, `replica-1`, ...).
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.inner.nodes.iter().find(|n| n.name() == name)
+    }
+
+    /// The node writes go to now (the configured primary unless a failover
+    /// was found).
+    pub fn primary(&self) -> &Node {
+        let index = self.inner.primary.load(Ordering::Acquire);
+        match self.inner.nodes.get(index) {
+            Some(node) => node,
+            None => &self.inner.nodes[0],
+        }
+    }
+
+    /// Whether [`Cluster::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Acquire)
+    }
+
+    /// Calls running now (statements, closures, transactions, checkouts
+    /// being made), retries included in their call. [`Cluster::close`]
+    /// waits for this to reach zero.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The node a call with `route` would go to now.
+    pub fn route(&self, route: Route) -> &Node {
+        let primary = self.primary();
+        let inner = &self.inner;
+        let after = match route {
+            Route::Write => return primary,
+            Route::Read => None,
+            Route::ReadAfter(position) => Some(position),
+        };
+        let count = inner.nodes.len();
+        if !inner.settings.read_replicas || count < 2 {
+            return primary;
+        }
+        let start = inner.next_read.fetch_add(1, Ordering::Relaxed);
+        for k in 0..count {
+            let node = &inner.nodes[(start + k) % count];
+            if node.inner.index != primary.inner.index
+                && node.readable(inner.settings.max_lag, after)
+            {
+                return node;
+            }
+        }
+        primary
+    }
+
+    pub(super) fn begin(&self, op: &Op) -> Result<Work<'_>, Error> {
+        let inner = &*self.inner;
+        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let work = Work(inner);
+        if inner.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown {
+                operation: op.name().to_owned(),
+            });
+        }
+        Ok(work)
+    }
+
+    /// The cluster's figures: calls, failures, retries, slow queries,
+    /// latency percentiles and each node's state.
+    pub fn metrics(&self) -> ClusterMetrics {
+        let c = &self.inner.counters;
+        let primary = self.primary().inner.index;
+        let max_lag = self.inner.settings.max_lag;
+        ClusterMetrics {
+            queries: c.calls.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            unknown_outcomes: c.unknown_outcomes.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            slow_queries: c.slow.load(Ordering::Relaxed),
+            primary_changes: c.primary_changes.load(Ordering::Relaxed),
+            latency_p50: c.latency.quantile(0.50),
+            latency_p99: c.latency.quantile(0.99),
+            nodes: self
+                .nodes()
+                .iter()
+                .map(|node| NodeMetrics {
+                    name: node.name().to_owned(),
+                    configured_role: node.configured_role(),
+                    observed_role: node.observed_role(),
+                    is_primary: node.inner.index == primary,
+                    breaker: node.circuit_breaker().map(|b| b.state().to_string()),
+                    routable: node.inner.index == primary || node.readable(max_lag, None),
+                    queries: node.inner.queries.load(Ordering::Relaxed),
+                    failures: node.inner.failures.load(Ordering::Relaxed),
+                    pool: node.pool().status(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Replaces every connection of every node (after a migration, a
+    /// failover or a credentials change), shared ones included.
+    pub fn recycle_all(&self) {
+        for node in self.nodes() {
+            node.retire_lanes();
+            node.pool().recycle_all();
+        }
+    }
+
+    /// Drops every cached prepared statement ("cached plan must not change
+    /// result type" after a migration).
+    pub fn clear_statement_caches(&self) {
+        for node in self.nodes() {
+            node.retire_lanes();
+            node.pool().clear_statement_caches();
+        }
+    }
+
+    /// Stops taking work (new calls get [`Error::ShuttingDown`]), waits up to
+    /// `deadline` for calls in flight, then closes every pool.
+    pub async fn close(&self, deadline: Duration) -> CloseReport {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::Release);
+        let wait = async {
+            loop {
+                let drained = inner.drained.notified();
+                if inner.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                drained.await;
+            }
+        };
+        let until = tokio::time::Instant::now() + deadline;
+        let _ = tokio::time::timeout_at(until, wait).await;
+        let cut_off = inner.in_flight.load(Ordering::Acquire);
+        // Calls that returned may have left a connection to be rolled back
+        // before it goes back to its pool: give those the rest of the
+        // deadline, so they are not counted as still in use.
+        let nodes = self.nodes();
+        for node in nodes {
+            let _ = tokio::time::timeout_at(until, node.pool().returns_settled()).await;
+        }
+        let mut connections_in_use = 0;
+        for node in nodes {
+            node.retire_lanes();
+            connections_in_use += node.pool().close();
+        }
+        if cut_off > 0 {
+            tracing::warn!(cut_off, "cluster closed with calls still running");
+        } else {
+            tracing::info!("cluster closed");
+        }
+        CloseReport {
+            cut_off,
+            connections_in_use,
+        }
+    }
+}
+
+/// Names the node and the attempt on the call's span.
+pub(super) fn record_attempt(node: &Node, attempt: u32) {
+    let span = tracing::Span::current();
+    span.record("node", node.name());
+    span.record("attempt", attempt);
+    tracing::trace!(node = node.name(), attempt, "attempt");
+}
+
+pub(super) fn node_label(node: &Node) -> SharedString {
+    SharedString::from(Arc::clone(node.name_arc()))
+}
+
+pub(super) fn first_text(messages: &[SimpleQueryMessage]) -> Option<&str> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    })
+}
