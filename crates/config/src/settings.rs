@@ -448,6 +448,14 @@ pub struct KeepaliveSettings {
     pub interval: Duration,
     /// Unanswered probes before the connection is considered dead.
     pub retries: u32,
+    /// How long data sent on a connection may stay unacknowledged before the
+    /// kernel drops the connection (`TCP_USER_TIMEOUT`, Linux): a network
+    /// partition fails the requests in flight instead of leaving them
+    /// waiting for TCP's own retransmission limit (about 15 minutes). It also
+    /// caps how long keepalive takes to declare a connection dead. None
+    /// leaves the system's behaviour.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl Default for KeepaliveSettings {
@@ -457,6 +465,7 @@ impl Default for KeepaliveSettings {
             idle: Duration::from_secs(60),
             interval: Duration::from_secs(10),
             retries: 3,
+            tcp_user_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

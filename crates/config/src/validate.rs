@@ -272,6 +272,7 @@ pub(crate) fn check(config: &DatabaseConfig, source_of: &dyn Fn(&str) -> Source)
             "or set keepalive.enabled = false",
         );
     }
+    c.optional_duration("keepalive.tcp_user_timeout", keepalive.tcp_user_timeout);
 
     // Query.
     let query = &config.query;

@@ -15,7 +15,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Error, Row, SimpleQueryMessage, Statement, ToStatement};
 
 use crate::pool::{Manager, Shared};
-use crate::sql;
+use crate::sql::{self, Session, StatementClass};
 use crate::status::CloseReason;
 
 /// Session state: no transaction, nothing in flight.
@@ -25,6 +25,14 @@ const IN_TRANSACTION: u8 = 1;
 /// Might be inside a transaction: a statement that can open one ran, an
 /// error left the state unclear, or the raw client was used.
 const UNKNOWN: u8 = 2;
+
+/// The session is as the pool opened it.
+const SESSION_CLEAN: u8 = 0;
+/// A statement that changes the session ran (or may have): `DISCARD ALL`
+/// before anyone else gets the connection.
+const SESSION_CHANGED: u8 = 1;
+/// The session was changed in a way `DISCARD ALL` does not undo: close it.
+const SESSION_LASTING: u8 = 2;
 
 /// The connection bb8 stores: the client plus creation time, lifetime
 /// deadline, last use, generation and the session-state flags.
@@ -36,6 +44,7 @@ pub(crate) struct PgConnection {
     pub(crate) generation: u64,
     pub(crate) cache_generation: u64,
     state: AtomicU8,
+    session: AtomicU8,
     in_flight: AtomicU32,
     /// A helper transaction was dropped unfinished: roll it back before the
     /// next statement on this checkout.
@@ -63,6 +72,7 @@ impl PgConnection {
             generation,
             cache_generation,
             state: AtomicU8::new(IDLE),
+            session: AtomicU8::new(SESSION_CLEAN),
             in_flight: AtomicU32::new(0),
             stale_transaction: AtomicBool::new(false),
             close_reason: None,
@@ -76,6 +86,39 @@ impl PgConnection {
         self.state.load(Ordering::Acquire) == IDLE
             && self.in_flight.load(Ordering::Acquire) == 0
             && !self.stale_transaction.load(Ordering::Acquire)
+    }
+
+    /// A session-changing statement ran (or may have) since the pool last
+    /// reset the session.
+    pub(crate) fn session_changed(&self) -> bool {
+        self.session.load(Ordering::Acquire) != SESSION_CLEAN
+    }
+
+    /// The session was changed beyond what `DISCARD ALL` undoes.
+    pub(crate) fn session_changed_lastingly(&self) -> bool {
+        self.session.load(Ordering::Acquire) == SESSION_LASTING
+    }
+
+    /// Records what a statement about to be sent may do to the transaction
+    /// state and the session. Called before sending: a future dropped after
+    /// the request left still leaves the connection marked.
+    fn note(&self, class: StatementClass) {
+        if class.may_change_transaction() {
+            self.mark_unknown();
+        }
+        match class.session() {
+            Session::Changes(_) => {
+                self.session.fetch_max(SESSION_CHANGED, Ordering::AcqRel);
+            }
+            Session::ChangesLastingly(_) => {
+                self.session.fetch_max(SESSION_LASTING, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn mark_session_changed(&self) {
+        self.session.fetch_max(SESSION_CHANGED, Ordering::AcqRel);
     }
 
     pub(crate) fn has_statement_in_flight(&self) -> bool {
@@ -122,13 +165,13 @@ impl PgConnection {
     /// so a future dropped in between leaves the connection flagged.
     async fn run<T>(
         &self,
-        may_change_transaction: bool,
+        class: Option<StatementClass>,
         request: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         self.roll_back_if(self.stale_transaction.load(Ordering::Acquire))
             .await?;
-        if may_change_transaction {
-            self.mark_unknown();
+        if let Some(class) = class {
+            self.note(class);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let result = request.await;
@@ -145,21 +188,20 @@ impl PgConnection {
         result
     }
 
-    fn statement_may_change_transaction<T: ?Sized + StatementText>(&self, statement: &T) -> bool {
+    fn class_of<T: ?Sized + StatementText>(statement: &T) -> Option<StatementClass> {
         match statement.text() {
-            StatementRef::Sql(text) => sql::single_statement_may_change_transaction(text),
-            // Preparing a transaction-control statement already marked the
-            // connection (see `prepared`), and such statements are never cached.
-            StatementRef::Prepared => false,
+            StatementRef::Sql(text) => Some(sql::classify(text)),
+            // Preparing it already marked the connection (see `prepared`),
+            // and such statements are never cached.
+            StatementRef::Prepared => None,
         }
     }
 
-    /// A statement that controls transactions was prepared: whatever runs it
-    /// later, the session state can no longer be known.
+    /// A statement was prepared: whatever runs it later (the pool cannot see
+    /// the text of a prepared statement), it is marked for what its text may
+    /// do to the transaction state and the session.
     fn prepared(&self, sql: &str) {
-        if sql::single_statement_may_change_transaction(sql) {
-            self.mark_unknown();
-        }
+        self.note(sql::classify(sql));
     }
 }
 
@@ -342,7 +384,7 @@ macro_rules! query_methods {
         pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
             let pg = self.pg();
             pg.prepared(query);
-            let statement = pg.run(false, pg.client.prepare(query)).await?;
+            let statement = pg.run(None, pg.client.prepare(query)).await?;
             Ok(statement)
         }
 
@@ -350,7 +392,7 @@ macro_rules! query_methods {
         pub async fn prepare_typed(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
             let pg = self.pg();
             pg.prepared(query);
-            let statement = pg.run(false, pg.client.prepare_typed(query, types)).await?;
+            let statement = pg.run(None, pg.client.prepare_typed(query, types)).await?;
             Ok(statement)
         }
 
@@ -361,8 +403,10 @@ macro_rules! query_methods {
         /// [`crate::Pool::clear_statement_caches`].
         pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
             let pg = self.pg();
-            let cache =
-                pg.shared.cache_statements && !sql::single_statement_may_change_transaction(query);
+            let class = sql::classify(query);
+            let cache = pg.shared.cache_statements
+                && !class.may_change_transaction()
+                && !class.session().changes();
             if cache {
                 if let Some(statement) = lock(&pg.statements).get(query) {
                     return Ok(statement.clone());
@@ -385,8 +429,8 @@ macro_rules! query_methods {
             T: ?Sized + StatementText,
         {
             let pg = self.pg();
-            let changes = pg.statement_may_change_transaction(statement);
-            pg.run(changes, pg.client.query(statement, params)).await
+            let class = PgConnection::class_of(statement);
+            pg.run(class, pg.client.query(statement, params)).await
         }
 
         /// Runs a statement that returns exactly one row.
@@ -399,9 +443,8 @@ macro_rules! query_methods {
             T: ?Sized + StatementText,
         {
             let pg = self.pg();
-            let changes = pg.statement_may_change_transaction(statement);
-            pg.run(changes, pg.client.query_one(statement, params))
-                .await
+            let class = PgConnection::class_of(statement);
+            pg.run(class, pg.client.query_one(statement, params)).await
         }
 
         /// Runs a statement that returns at most one row.
@@ -414,9 +457,8 @@ macro_rules! query_methods {
             T: ?Sized + StatementText,
         {
             let pg = self.pg();
-            let changes = pg.statement_may_change_transaction(statement);
-            pg.run(changes, pg.client.query_opt(statement, params))
-                .await
+            let class = PgConnection::class_of(statement);
+            pg.run(class, pg.client.query_opt(statement, params)).await
         }
 
         /// Runs a statement with explicitly typed parameters, without a
@@ -428,8 +470,8 @@ macro_rules! query_methods {
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<Vec<Row>, Error> {
             let pg = self.pg();
-            let changes = sql::single_statement_may_change_transaction(query);
-            pg.run(changes, pg.client.query_typed(query, params)).await
+            let class = Some(sql::classify(query));
+            pg.run(class, pg.client.query_typed(query, params)).await
         }
 
         /// Runs a statement with explicitly typed parameters on the unnamed
@@ -442,7 +484,7 @@ macro_rules! query_methods {
             params: &[(&(dyn ToSql + Sync), Type)],
         ) -> Result<u64, Error> {
             let pg = self.pg();
-            let changes = sql::single_statement_may_change_transaction(query);
+            let class = Some(sql::classify(query));
             let request = async {
                 let typed = params.iter().map(|(value, ty)| (*value, ty.clone()));
                 let stream = pg.client.query_typed_raw(query, typed).await?;
@@ -453,7 +495,7 @@ macro_rules! query_methods {
                 {}
                 Ok(stream.rows_affected().unwrap_or(0))
             };
-            pg.run(changes, request).await
+            pg.run(class, request).await
         }
 
         /// Runs a statement and returns the number of rows it affected.
@@ -466,22 +508,22 @@ macro_rules! query_methods {
             T: ?Sized + StatementText,
         {
             let pg = self.pg();
-            let changes = pg.statement_may_change_transaction(statement);
-            pg.run(changes, pg.client.execute(statement, params)).await
+            let class = PgConnection::class_of(statement);
+            pg.run(class, pg.client.execute(statement, params)).await
         }
 
         /// Runs one or more statements with the simple protocol, discarding rows.
         pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
             let pg = self.pg();
-            let changes = sql::batch_may_change_transaction(query);
-            pg.run(changes, pg.client.batch_execute(query)).await
+            let class = Some(sql::classify(query));
+            pg.run(class, pg.client.batch_execute(query)).await
         }
 
         /// Runs one or more statements with the simple protocol, returning text rows.
         pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
             let pg = self.pg();
-            let changes = sql::batch_may_change_transaction(query);
-            pg.run(changes, pg.client.simple_query(query)).await
+            let class = Some(sql::classify(query));
+            pg.run(class, pg.client.simple_query(query)).await
         }
     };
 }
@@ -551,13 +593,17 @@ impl PooledConnection {
     /// The raw tokio-postgres client, for what the methods here do not
     /// cover (COPY, streaming rows, notifications).
     ///
-    /// The pool cannot see what is sent through it, so the connection's
-    /// session state becomes unknown: it is rolled back when returned (or
-    /// closed if that fails). Session settings changed with `SET` are not
-    /// reset; use `SET LOCAL` inside a transaction instead.
+    /// The pool cannot see what is sent through it, so both the
+    /// transaction state and the session become unknown: when the
+    /// connection is returned it is rolled back and its session reset with
+    /// `DISCARD ALL` (settings, temporary tables, prepared statements,
+    /// listeners, advisory locks), off the caller's path, or closed if that
+    /// fails. (`LOAD` through the raw client is not undone by a reset: close
+    /// such a connection with [`PooledConnection::discard`].)
     pub fn client_unchecked(&mut self) -> &mut Client {
         let pg = self.pg_mut();
         pg.mark_unknown();
+        pg.mark_session_changed();
         &mut pg.client
     }
 
@@ -570,6 +616,16 @@ impl PooledConnection {
     /// transaction open, nothing in flight).
     pub fn is_clean(&self) -> bool {
         self.pg().is_clean()
+    }
+
+    /// Whether a statement that changes the session (`SET`, `set_config(..,
+    /// false)`, temporary objects, session advisory locks, `LISTEN`,
+    /// `PREPARE`, `DISCARD`, `DEALLOCATE`, cursors `WITH HOLD`, `DO`, `CALL`,
+    /// or use of the raw client) ran on this checkout: the session is reset
+    /// (`DISCARD ALL`, statement cache cleared) before the connection is
+    /// used by anyone else, or closed when a reset cannot undo it.
+    pub fn session_changed(&self) -> bool {
+        self.pg().session_changed()
     }
 
     /// The operation name given to [`crate::Pool::get`].
@@ -624,13 +680,16 @@ impl PooledConnection {
         if conn.close_reason.is_none() && conn.client.is_closed() {
             conn.close_reason = Some(CloseReason::Broken);
         }
-        if conn.close_reason.is_none() && !conn.is_clean() {
+        if conn.close_reason.is_none() && conn.session_changed_lastingly() {
+            conn.close_reason = Some(CloseReason::Session);
+        }
+        if conn.close_reason.is_none() && (!conn.is_clean() || conn.session_changed()) {
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
                     let timeout = shared.cleanup_timeout;
                     let operation = std::mem::take(&mut self.operation);
                     shared.returning.send_modify(|n| *n += 1);
-                    handle.spawn(roll_back_and_return(
+                    handle.spawn(clean_up_and_return(
                         conn, permit, shared, timeout, operation,
                     ));
                     return;
@@ -650,38 +709,71 @@ impl Drop for PooledConnection {
     }
 }
 
-/// Rolls back a connection whose session state is unknown, then returns it
-/// to the pool; closes it if the rollback fails or takes too long.
+/// Makes a returned connection fit for the next caller, off the caller's
+/// path: rolls back when its transaction state is unknown, resets its session
+/// with `DISCARD ALL` (and forgets the statements cached for it) when a
+/// statement changed it, then returns it to the pool; closes it if that
+/// fails or takes longer than the pool's cleanup timeout.
 ///
 /// tokio-postgres runs requests in order, so the `ROLLBACK` runs after any
-/// statement a cancelled future left behind.
-async fn roll_back_and_return(
+/// statement a cancelled future left behind, and `DISCARD ALL` (which refuses
+/// to run inside a transaction block) after the `ROLLBACK`; both go out
+/// together, one round trip.
+async fn clean_up_and_return(
     mut conn: bb8::PooledConnection<'static, Manager>,
     permit: Option<OwnedSemaphorePermit>,
     shared: Arc<Shared>,
     timeout: Duration,
     operation: Cow<'static, str>,
 ) {
-    let outcome = tokio::time::timeout(timeout, conn.client.batch_execute("ROLLBACK")).await;
+    let roll_back = !conn.is_clean();
+    let reset = conn.session_changed();
+    let work = async {
+        let client = &conn.client;
+        match (roll_back, reset) {
+            (true, true) => {
+                let (rolled_back, discarded) = tokio::join!(
+                    client.batch_execute("ROLLBACK"),
+                    client.batch_execute("DISCARD ALL")
+                );
+                rolled_back.and(discarded)
+            }
+            (false, true) => client.batch_execute("DISCARD ALL").await,
+            _ => client.batch_execute("ROLLBACK").await,
+        }
+    };
+    let outcome = tokio::time::timeout(timeout, work).await;
+    let what = if reset { "reset" } else { "rollback" };
     match outcome {
         Ok(Ok(())) if !conn.client.is_closed() => {
+            if reset {
+                conn.clear_statement_cache();
+                conn.session.store(SESSION_CLEAN, Ordering::Release);
+                shared.stats.session_reset();
+            }
+            if roll_back {
+                shared.stats.rolled_back();
+            }
             conn.mark_idle();
-            shared.stats.rolled_back();
             tracing::debug!(
                 node = %shared.label,
                 operation = %operation,
-                "rolled back a connection returned in an unknown session state"
+                rolled_back = roll_back,
+                session_reset = reset,
+                "cleaned up a returned connection"
             );
         }
         Ok(Ok(())) => conn.close_reason = Some(CloseReason::Broken),
         Ok(Err(e)) => {
             conn.close_reason = Some(if conn.client.is_closed() {
                 CloseReason::Broken
+            } else if reset {
+                CloseReason::Session
             } else {
                 CloseReason::Error
             });
             tracing::debug!(node = %shared.label, operation = %operation, error = %e,
-                "rollback on return failed; closing the connection");
+                "{what} on return failed; closing the connection");
         }
         Err(_) => {
             conn.close_reason = Some(CloseReason::Error);
@@ -689,7 +781,7 @@ async fn roll_back_and_return(
                 node = %shared.label,
                 operation = %operation,
                 timeout = ?timeout,
-                "rollback on return did not finish in time (a cancelled statement is still \
+                "{what} on return did not finish in time (a cancelled statement is still \
                  running?); closing the connection"
             );
         }

@@ -70,10 +70,11 @@ pub use crate::error::{
     AcquirePhase, AcquireTimeout, ConfigError, ConnectError, LastConnectError, PoolError,
 };
 pub use crate::pool::{Pool, PoolBuilder};
-pub use crate::sql::first_keyword;
+pub use crate::sql::{Session, StatementClass, StatementKind, classify, first_keyword};
 pub use crate::status::{
     ACQUIRE_SECONDS_METRIC, CLOSED_METRIC, CONNECTIONS_METRIC, CREATED_METRIC, CloseReason,
-    ClosedCounts, LEAKS_METRIC, PoolStatus, ROLLBACKS_METRIC, TIMEOUTS_METRIC,
+    ClosedCounts, LEAKS_METRIC, PoolStatus, ROLLBACKS_METRIC, SESSION_RESETS_METRIC,
+    TIMEOUTS_METRIC,
 };
 pub use tokio_postgres;
 

@@ -90,6 +90,9 @@ impl Shared {
         if !conn.is_clean() {
             return Some(CloseReason::Error);
         }
+        if conn.session_changed() {
+            return Some(CloseReason::Session);
+        }
         if conn.generation < self.generation.load(Ordering::Acquire) {
             return Some(CloseReason::Recycled);
         }
@@ -483,6 +486,7 @@ impl Pool {
             timeouts: stats.timeouts.load(Ordering::Relaxed),
             rejected: stats.rejected.load(Ordering::Relaxed),
             rollbacks: stats.rollbacks.load(Ordering::Relaxed),
+            session_resets: stats.session_resets.load(Ordering::Relaxed),
             leaks: stats.leaks.load(Ordering::Relaxed),
             last_connect_error: last.as_ref().map(|l| l.error.to_string()),
             last_connect_error_age: last.map(|l| l.age),
@@ -1095,6 +1099,9 @@ impl PoolBuilder {
                 .keepalives_idle(self.keepalive.idle)
                 .keepalives_interval(self.keepalive.interval)
                 .keepalives_retries(self.keepalive.retries);
+        }
+        if let Some(timeout) = self.keepalive.tcp_user_timeout {
+            config.tcp_user_timeout(timeout);
         }
         if let Some(password) = &node.password {
             config.password(password.expose());

@@ -21,6 +21,10 @@ pub const CLOSED_METRIC: &str = "pgstack_pool_connections_closed_total";
 pub const LEAKS_METRIC: &str = "pgstack_pool_leaks_total";
 /// `pgstack_pool_rollbacks_total{node}`: connections rolled back on return.
 pub const ROLLBACKS_METRIC: &str = "pgstack_pool_rollbacks_total";
+/// `pgstack_pool_session_resets_total{node}`: connections whose session was
+/// changed (`SET`, temporary objects, `LISTEN`, ...) reset with `DISCARD ALL`
+/// on return.
+pub const SESSION_RESETS_METRIC: &str = "pgstack_pool_session_resets_total";
 
 /// Why a connection was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -41,17 +45,21 @@ pub enum CloseReason {
     Recycled,
     /// The pool was closed or dropped.
     Shutdown,
+    /// Its session was changed in a way `DISCARD ALL` does not undo (`LOAD`,
+    /// `setseed`, dblink connections), or the reset on return failed.
+    Session,
 }
 
 impl CloseReason {
     /// All reasons, in label order.
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 7] = [
         CloseReason::Broken,
         CloseReason::Lifetime,
         CloseReason::Idle,
         CloseReason::Error,
         CloseReason::Recycled,
         CloseReason::Shutdown,
+        CloseReason::Session,
     ];
 
     /// The metric label.
@@ -63,6 +71,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Recycled => "recycled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Session => "session",
         }
     }
 
@@ -74,6 +83,7 @@ impl CloseReason {
             CloseReason::Error => 3,
             CloseReason::Recycled => 4,
             CloseReason::Shutdown => 5,
+            CloseReason::Session => 6,
         }
     }
 }
@@ -94,6 +104,8 @@ pub struct ClosedCounts {
     pub recycled: u64,
     /// Pool closed.
     pub shutdown: u64,
+    /// Session changed beyond what a reset undoes, or the reset failed.
+    pub session: u64,
 }
 
 /// A point-in-time picture of one pool, for status pages and error messages.
@@ -132,6 +144,8 @@ pub struct PoolStatus {
     pub rejected: u64,
     /// Connections rolled back on return because their session state was unknown.
     pub rollbacks: u64,
+    /// Connections whose changed session was reset (`DISCARD ALL`) on return.
+    pub session_resets: u64,
     /// Checkouts reported as possible leaks.
     pub leaks: u64,
     /// The last connect error, if any.
@@ -158,11 +172,12 @@ mod opt_secs {
 /// checkout allocates nothing for labels.
 pub(crate) struct Stats {
     pub(crate) created: AtomicU64,
-    pub(crate) closed: [AtomicU64; 6],
+    pub(crate) closed: [AtomicU64; 7],
     pub(crate) acquired: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) rejected: AtomicU64,
     pub(crate) rollbacks: AtomicU64,
+    pub(crate) session_resets: AtomicU64,
     pub(crate) leaks: AtomicU64,
     /// Open connections.
     pub(crate) live: AtomicU64,
@@ -173,9 +188,10 @@ pub(crate) struct Stats {
     m_acquire: Histogram,
     m_timeouts: Counter,
     m_created: Counter,
-    m_closed: [Counter; 6],
+    m_closed: [Counter; 7],
     m_leaks: Counter,
     m_rollbacks: Counter,
+    m_session_resets: Counter,
 }
 
 impl Stats {
@@ -196,6 +212,7 @@ impl Stats {
             timeouts: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             rollbacks: AtomicU64::new(0),
+            session_resets: AtomicU64::new(0),
             leaks: AtomicU64::new(0),
             live: AtomicU64::new(0),
             in_use: AtomicU64::new(0),
@@ -206,7 +223,8 @@ impl Stats {
             m_created: metrics::counter!(CREATED_METRIC, vec![node_label.clone()]),
             m_closed: CloseReason::ALL.map(closed),
             m_leaks: metrics::counter!(LEAKS_METRIC, vec![node_label.clone()]),
-            m_rollbacks: metrics::counter!(ROLLBACKS_METRIC, vec![node_label]),
+            m_rollbacks: metrics::counter!(ROLLBACKS_METRIC, vec![node_label.clone()]),
+            m_session_resets: metrics::counter!(SESSION_RESETS_METRIC, vec![node_label]),
         }
     }
 
@@ -259,6 +277,11 @@ impl Stats {
         self.m_rollbacks.increment(1);
     }
 
+    pub(crate) fn session_reset(&self) {
+        self.session_resets.fetch_add(1, Ordering::Relaxed);
+        self.m_session_resets.increment(1);
+    }
+
     pub(crate) fn closed_counts(&self) -> ClosedCounts {
         let get = |r: CloseReason| self.closed[r.index()].load(Ordering::Relaxed);
         ClosedCounts {
@@ -268,6 +291,7 @@ impl Stats {
             error: get(CloseReason::Error),
             recycled: get(CloseReason::Recycled),
             shutdown: get(CloseReason::Shutdown),
+            session: get(CloseReason::Session),
         }
     }
 }
