@@ -1,16 +1,22 @@
-//! Connections and transactions handed to callers, with query methods that
-//! return [`Error`] (with the node and the operation) and that respect
-//! `query.prepared_statements`.
+//! Connections and transactions handed to callers. Their query methods
+//! return [`Error`] (with the node and the operation), respect
+//! `query.prepared_statements`, bound every round trip, and keep the
+//! records the retry rules read: what the call may have done (a
+//! [`Connection`]'s statements), and whether a transaction is doomed (a
+//! [`Transaction`]'s first failed statement).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use pgstack_pool::PooledConnection;
-use tokio_postgres::Row;
+use pgstack_pool::{PooledConnection, StatementClass, classify};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, SimpleQueryMessage};
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::record::Record;
 use crate::route::Op;
 
 /// What a statement should hand back.
@@ -104,7 +110,7 @@ pub(crate) fn one(rows: Vec<Row>, node: &Node, op: &str) -> Result<Row, Error> {
     match (rows.next(), got) {
         (Some(row), 1) => Ok(row),
         _ => Err(Error::UnexpectedRows {
-            node: std::sync::Arc::clone(node.name_arc()),
+            node: Arc::clone(node.name_arc()),
             operation: op.to_owned(),
             expected: "exactly one row",
             got,
@@ -116,7 +122,7 @@ pub(crate) fn opt(rows: Vec<Row>, node: &Node, op: &str) -> Result<Option<Row>, 
     let got = rows.len();
     if got > 1 {
         return Err(Error::UnexpectedRows {
-            node: std::sync::Arc::clone(node.name_arc()),
+            node: Arc::clone(node.name_arc()),
             operation: op.to_owned(),
             expected: "at most one row",
             got,
@@ -125,21 +131,57 @@ pub(crate) fn opt(rows: Vec<Row>, node: &Node, op: &str) -> Result<Option<Row>, 
     Ok(rows.into_iter().next())
 }
 
-/// The query methods of [`Connection`] and [`Transaction`].
+/// Bounds one round trip by `limit` (`query.statement_timeout` plus a
+/// margin): past it the call fails with [`Error::Timeout`], and the
+/// statement, which may still be running, leaves its connection flagged (the
+/// pool rolls it back or closes it).
+pub(crate) async fn bounded<T>(
+    limit: Option<Duration>,
+    node: &Node,
+    op: &Op,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match limit {
+        None => work.await,
+        Some(limit) => match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                node: Arc::clone(node.name_arc()),
+                operation: op.name().to_owned(),
+                after: limit,
+            }),
+        },
+    }
+}
+
+/// The text of a statement in messages: its first 200 characters.
+pub(crate) fn excerpt(sql: &str) -> String {
+    let text: String = sql.trim().chars().take(200).collect();
+    if text.len() < sql.trim().len() {
+        format!("{text}…")
+    } else {
+        text
+    }
+}
+
+/// The query methods of [`Connection`] and [`Transaction`]; each goes
+/// through the type's `tracked`.
 macro_rules! query_methods {
     ($target:ident) => {
         /// Runs a statement and returns its rows.
         ///
         /// # Errors
         /// [`Error::Database`] for a server error, [`Error::Connection`] when
-        /// the connection broke, [`Error::Usage`] for a parameter whose type
-        /// cannot be told without prepared statements.
+        /// the connection broke, [`Error::Timeout`] past
+        /// `query.statement_timeout` plus a margin, [`Error::Usage`] for a
+        /// refused statement or a parameter whose type cannot be told without
+        /// prepared statements.
         pub async fn query(
             &self,
             sql: &str,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<Row>, Error> {
-            let got = run_statement!(
+            let run = run_statement!(
                 &self.$target,
                 self.prepared,
                 sql,
@@ -147,9 +189,8 @@ macro_rules! query_methods {
                 Want::Rows,
                 self.node.name_arc(),
                 self.op.name()
-            )
-            .await?;
-            Ok(rows(got))
+            );
+            Ok(rows(self.tracked(sql, classify(sql), run).await?))
         }
 
         /// Runs a statement that returns exactly one row.
@@ -188,7 +229,7 @@ macro_rules! query_methods {
             sql: &str,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<u64, Error> {
-            let got = run_statement!(
+            let run = run_statement!(
                 &self.$target,
                 self.prepared,
                 sql,
@@ -196,9 +237,8 @@ macro_rules! query_methods {
                 Want::Count,
                 self.node.name_arc(),
                 self.op.name()
-            )
-            .await?;
-            Ok(count(got))
+            );
+            Ok(count(self.tracked(sql, classify(sql), run).await?))
         }
 
         /// Runs one or more statements with the simple protocol (no
@@ -207,10 +247,26 @@ macro_rules! query_methods {
         /// # Errors
         /// As [`Self::query`].
         pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
-            self.$target
-                .batch_execute(sql)
-                .await
-                .map_err(|e| Error::from_postgres(e, self.node.name_arc(), self.op.name(), true))
+            let run = async {
+                self.$target.batch_execute(sql).await.map_err(|e| {
+                    Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
+                })
+            };
+            self.tracked(sql, classify(sql), run).await
+        }
+
+        /// Runs one or more statements with the simple protocol (no
+        /// parameters) and returns their rows as text.
+        ///
+        /// # Errors
+        /// As [`Self::query`].
+        pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+            let run = async {
+                self.$target.simple_query(sql).await.map_err(|e| {
+                    Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
+                })
+            };
+            self.tracked(sql, classify(sql), run).await
         }
 
         /// The node this runs on.
@@ -223,15 +279,26 @@ macro_rules! query_methods {
 /// A connection of its own, from [`crate::Cluster::connection`] or the
 /// closures of [`crate::Cluster::read`] and [`crate::Cluster::write`].
 ///
-/// Its query methods return [`Error`]; everything else of
-/// [`PooledConnection`] (transactions, COPY through the raw client) is
-/// reachable through `Deref`. Dropped, it goes back to its node's pool, which
-/// rolls back anything left open.
+/// Its query methods return [`Error`], bound each round trip, and record
+/// what the call may have done (reads, writes), which decides whether a
+/// failed closure may run again. Everything else of [`PooledConnection`]
+/// (transactions, COPY through the raw client, prepared statements) is
+/// reachable through `Deref`; the record cannot see what goes through it, so
+/// using it counts as a write. Dropped, the connection goes back to its
+/// node's pool, which rolls back anything left open and resets a session
+/// that was changed (`SET`, temporary tables, `LISTEN`, advisory locks).
 pub struct Connection {
     pub(crate) conn: PooledConnection,
     pub(crate) node: Node,
     pub(crate) op: Op,
     pub(crate) prepared: bool,
+    /// The bound of one round trip.
+    pub(crate) limit: Option<Duration>,
+    /// What the call may have done.
+    pub(crate) record: Arc<Record>,
+    /// Every statement counts as a write (the call's route is the primary's
+    /// writes); else only statements that are not plain reads do.
+    pub(crate) writes: bool,
 }
 
 impl fmt::Debug for Connection {
@@ -246,8 +313,29 @@ impl fmt::Debug for Connection {
 impl Connection {
     query_methods!(conn);
 
-    /// The pooled connection itself.
+    /// Runs one statement: counted in the record before it is sent, taken
+    /// back if its error proves it never took effect; bounded by the round
+    /// trip limit.
+    async fn tracked<T>(
+        &self,
+        _sql: &str,
+        class: StatementClass,
+        run: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let sent = self.record.sending(self.writes || !class.is_read());
+        let result = bounded(self.limit, &self.node, &self.op, run).await;
+        if let Err(error) = &result
+            && error.provably_not_sent()
+        {
+            self.record.not_sent(sent);
+        }
+        result
+    }
+
+    /// The pooled connection itself. What is sent through it from now on
+    /// counts as a write of the call.
     pub fn into_inner(self) -> PooledConnection {
+        let _ = self.record.sending(true);
         self.conn
     }
 }
@@ -255,26 +343,59 @@ impl Connection {
 impl Deref for Connection {
     type Target = PooledConnection;
 
+    /// The pooled connection; the record cannot follow what is sent through
+    /// it, so the call counts as having written.
     fn deref(&self) -> &PooledConnection {
+        let _ = self.record.sending(true);
         &self.conn
     }
 }
 
 impl DerefMut for Connection {
     fn deref_mut(&mut self) -> &mut PooledConnection {
+        let _ = self.record.sending(true);
         &mut self.conn
     }
+}
+
+/// The first statement that failed in a transaction.
+#[derive(Clone, Debug)]
+pub(crate) struct Failure {
+    /// The statement, shortened.
+    pub(crate) statement: String,
+    /// What went wrong, in words.
+    pub(crate) reason: String,
+    /// Its SQLSTATE, for a server error.
+    pub(crate) code: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    /// The first statement that failed, unless a `ROLLBACK TO SAVEPOINT`
+    /// succeeded since.
+    failed: Option<Failure>,
+    /// Statements whose outcome the closure did not wait for (the future was
+    /// dropped).
+    unseen: u32,
 }
 
 /// The transaction handed to the closure of [`crate::Cluster::transaction`].
 ///
 /// The cluster commits it when the closure returns `Ok` and rolls it back on
-/// `Err`, on a panic, or when the future is dropped.
+/// `Err`, on a panic, or when the future is dropped. A statement that fails
+/// dooms the transaction (PostgreSQL aborts it): unless a `ROLLBACK TO
+/// SAVEPOINT` recovers it, returning `Ok` afterwards gives
+/// [`Error::TransactionAborted`], never a commit. Transaction control
+/// (`BEGIN`, `COMMIT`, `ROLLBACK`, `END`, `ABORT`, `PREPARE TRANSACTION`) is
+/// refused; savepoints are allowed. Every round trip is bounded by
+/// `query.statement_timeout` plus a margin.
 pub struct Transaction<'a> {
     pub(crate) tx: pgstack_pool::Transaction<'a>,
     pub(crate) node: Node,
     pub(crate) op: Op,
     pub(crate) prepared: bool,
+    pub(crate) limit: Option<Duration>,
+    health: Mutex<Health>,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -287,12 +408,92 @@ impl fmt::Debug for Transaction<'_> {
 }
 
 impl<'a> Transaction<'a> {
+    pub(crate) fn new(
+        tx: pgstack_pool::Transaction<'a>,
+        node: Node,
+        op: Op,
+        prepared: bool,
+        limit: Option<Duration>,
+    ) -> Self {
+        Transaction {
+            tx,
+            node,
+            op,
+            prepared,
+            limit,
+            health: Mutex::new(Health::default()),
+        }
+    }
+
     query_methods!(tx);
 
-    /// The pool's transaction, for what the methods here do not cover
-    /// (prepared statements, `query_typed`). Do not commit or roll it back
-    /// yourself: return from the closure instead.
-    pub fn raw(&self) -> &pgstack_pool::Transaction<'a> {
-        &self.tx
+    async fn tracked<T>(
+        &self,
+        sql: &str,
+        class: StatementClass,
+        run: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        if class.controls_transaction() {
+            return Err(Error::Usage {
+                operation: self.op.name().to_owned(),
+                problem: format!(
+                    "`{}` controls the transaction, which the cluster owns: return Ok from \
+                     the closure to commit, Err to roll back (savepoints are allowed: \
+                     SAVEPOINT, RELEASE, ROLLBACK TO SAVEPOINT)",
+                    excerpt(sql)
+                ),
+            });
+        }
+        // Counted until its outcome is recorded: a future dropped in between
+        // leaves a statement whose outcome nobody saw.
+        lock(&self.health).unseen += 1;
+        let result = bounded(self.limit, &self.node, &self.op, run).await;
+        let mut health = lock(&self.health);
+        health.unseen -= 1;
+        match &result {
+            Ok(_) if class.rolls_back_to_savepoint() => health.failed = None,
+            Ok(_) => {}
+            Err(error) if dooms(error) => {
+                if health.failed.is_none() {
+                    health.failed = Some(Failure {
+                        statement: excerpt(sql),
+                        reason: error.to_string(),
+                        code: error.code().map(str::to_owned),
+                    });
+                }
+            }
+            Err(_) => {}
+        }
+        drop(health);
+        result
     }
+
+    /// The pool's transaction, to commit or roll back.
+    pub(crate) fn into_inner(self) -> pgstack_pool::Transaction<'a> {
+        self.tx
+    }
+
+    /// The first statement that failed (and was not recovered by a
+    /// `ROLLBACK TO SAVEPOINT`), and how many statements' outcomes the
+    /// closure did not wait for.
+    pub(crate) fn health(&self) -> (Option<Failure>, u32) {
+        let health = lock(&self.health);
+        (health.failed.clone(), health.unseen)
+    }
+}
+
+/// Whether a statement's error leaves the transaction aborted on the server
+/// (or its state unknown). A refused statement or a client-side error does
+/// not: nothing reached the server, or the server did its part.
+fn dooms(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Database(_) | Error::Connection { .. } | Error::Timeout { .. }
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -196,6 +196,59 @@ pub enum Error {
         #[source]
         source: Option<tokio_postgres::Error>,
     },
+    /// The call failed after some of its work reached the server and may
+    /// have taken effect (`committed`: did take effect), so it was not
+    /// repeated: a `write` closure whose second statement failed after its
+    /// first one wrote, a closure whose nested call failed after an earlier
+    /// one wrote, an `execute_tracked` whose write committed but whose WAL
+    /// position could not be read. `source` is the failure; [`Error::code`]
+    /// and [`Error::as_db_error`] look through to it. Mark the operation
+    /// [`crate::Op::idempotent`] if repeating all of it is safe.
+    #[error(
+        "`{operation}` on {node} failed after {}: {source}",
+        if *.committed {
+            "its write committed"
+        } else {
+            "earlier statements of the call reached the server and may have taken effect \
+             (it was not repeated)"
+        }
+    )]
+    PartiallyApplied {
+        /// The node.
+        node: Arc<str>,
+        /// The operation.
+        operation: String,
+        /// Whether the work is known to have committed.
+        committed: bool,
+        /// The failure.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The transaction closure returned `Ok` after a statement in it had
+    /// failed (the error was swallowed) and no `ROLLBACK TO SAVEPOINT`
+    /// recovered it: PostgreSQL had aborted the transaction, so it was rolled
+    /// back, not committed. Also when the check before `COMMIT` found the
+    /// transaction aborted by a statement whose result the closure did not
+    /// wait for. Return the statement's error (`?`) instead, or roll back to
+    /// a savepoint to go on after it.
+    #[error(
+        "`{operation}` on {node} was rolled back, not committed: {statement} failed ({reason}) \
+         and the closure still returned Ok; return the error, or roll back to a savepoint to \
+         carry on after it"
+    )]
+    TransactionAborted {
+        /// The node.
+        node: Arc<str>,
+        /// The operation.
+        operation: String,
+        /// The first statement that failed (its first 200 characters, in
+        /// backquotes), or what the check found.
+        statement: String,
+        /// Why it failed.
+        reason: String,
+        /// Its SQLSTATE, for a server error.
+        code: Option<String>,
+    },
     /// The cluster is shutting down: no new work is taken.
     #[error("the cluster is shutting down; `{operation}` was not started")]
     ShuttingDown {
@@ -305,18 +358,23 @@ impl Error {
         }
     }
 
-    /// The SQLSTATE code of a server error.
+    /// The SQLSTATE code of a server error (also the one behind
+    /// [`Error::PartiallyApplied`] and [`Error::TransactionAborted`]).
     pub fn code(&self) -> Option<&str> {
         match self {
             Error::Database(db) => Some(&db.code),
+            Error::PartiallyApplied { source, .. } => source.code(),
+            Error::TransactionAborted { code, .. } => code.as_deref(),
             _ => None,
         }
     }
 
-    /// The server error, if this is one.
+    /// The server error, if this is one (or the one behind
+    /// [`Error::PartiallyApplied`]).
     pub fn as_db_error(&self) -> Option<&DbError> {
         match self {
             Error::Database(db) => Some(db),
+            Error::PartiallyApplied { source, .. } => source.as_db_error(),
             _ => None,
         }
     }
@@ -342,14 +400,19 @@ impl Error {
             | Error::CommitOutcomeUnknown { node, .. }
             | Error::Client { node, .. }
             | Error::UnexpectedRows { node, .. }
+            | Error::PartiallyApplied { node, .. }
+            | Error::TransactionAborted { node, .. }
             | Error::Pool { node, .. } => Some(node),
             Error::Database(db) => Some(&db.node),
             _ => None,
         }
     }
 
-    /// Whether the work provably never reached the server (nothing was sent,
-    /// or the server refused it before it could take effect).
+    /// Whether no part of the call can have taken effect: nothing was sent,
+    /// the server refused it before it could take effect, or (for a
+    /// transaction) it was rolled back. A call whose earlier statements may
+    /// have written reports [`Error::PartiallyApplied`] instead, so this is
+    /// true of every error a call returns only when repeating it is safe.
     pub fn provably_not_sent(&self) -> bool {
         match self {
             Error::PoolTimeout { .. }
@@ -358,6 +421,7 @@ impl Error {
             | Error::ShuttingDown { .. }
             | Error::NoPrimary { .. }
             | Error::Usage { .. }
+            | Error::TransactionAborted { .. }
             | Error::Pool { .. } => true,
             Error::Connection { sent, .. } => !sent,
             Error::Database(db) => is_rejected_before_effect(&db.code),

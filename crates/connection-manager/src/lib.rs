@@ -87,10 +87,13 @@
 mod cluster;
 mod conn;
 mod error;
+mod lanes;
 mod node;
 mod params;
+mod record;
 mod route;
 mod sqlcheck;
+mod statements;
 mod stats;
 
 pub use crate::cluster::{CloseReport, Cluster, ClusterBuilder};

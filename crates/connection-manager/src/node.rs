@@ -2,15 +2,15 @@
 //! inputs a health monitor feeds, and its shared (pipelined) connections.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pgstack_pool::{Pool, PooledConnection};
+use pgstack_pool::Pool;
 use pgstack_resilience::CircuitBreaker;
 use serde::Serialize;
 
-use crate::error::Error;
+use crate::lanes::Lanes;
 use crate::route::WalPosition;
 
 /// A node's role.
@@ -101,7 +101,7 @@ impl Node {
         name: Arc<str>,
         configured: Role,
         pool: Pool,
-        lanes: usize,
+        lanes: Lanes,
     ) -> Node {
         Node {
             inner: Arc::new(NodeInner {
@@ -117,7 +117,7 @@ impl Node {
                 replay_lsn: AtomicU64::new(UNKNOWN),
                 queries: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
-                lanes: Lanes::new(lanes),
+                lanes,
             }),
         }
     }
@@ -286,142 +286,4 @@ impl Node {
     pub(crate) fn retire_lanes(&self) {
         self.inner.lanes.retire_all();
     }
-}
-
-/// A shared connection: one pooled connection that many autocommit
-/// statements use at once (tokio-postgres pipelines them).
-pub(crate) struct Lane {
-    pub(crate) conn: PooledConnection,
-    retired: AtomicBool,
-}
-
-impl Lane {
-    /// Not retired, not closed, within its lifetime and of the pool's
-    /// current generation (see [`Pool::recycle_all`]).
-    fn usable(&self) -> bool {
-        !self.retired.load(Ordering::Acquire) && !self.conn.should_be_replaced()
-    }
-
-    /// Takes the lane out of use (it broke, timed out, or its role changed).
-    pub(crate) fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
-    }
-}
-
-struct Slot {
-    lane: Mutex<Option<Arc<Lane>>>,
-    refill: tokio::sync::Mutex<()>,
-    /// Attempts to open this slot's connection that timed out.
-    failures: AtomicU64,
-}
-
-/// A node's shared connections.
-pub(crate) struct Lanes {
-    slots: Box<[Slot]>,
-    next: AtomicUsize,
-}
-
-impl Lanes {
-    fn new(count: usize) -> Self {
-        Lanes {
-            slots: (0..count)
-                .map(|_| Slot {
-                    lane: Mutex::new(None),
-                    refill: tokio::sync::Mutex::new(()),
-                    failures: AtomicU64::new(0),
-                })
-                .collect(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    pub(crate) fn enabled(&self) -> bool {
-        !self.slots.is_empty()
-    }
-
-    fn retire_all(&self) {
-        for slot in self.slots.iter() {
-            let lane = lock(&slot.lane).take();
-            if let Some(lane) = lane {
-                lane.retire();
-            }
-        }
-    }
-
-    /// A usable lane, opening one (from the node's pool) when its slot is
-    /// empty or its lane broke. `open` checks a new connection out.
-    ///
-    /// Opening is single-flight per slot: callers that queued behind an
-    /// attempt that timed out get `queued_failure()` at once instead of
-    /// trying again one after the other (each would wait out the timeout).
-    pub(crate) async fn get<F, Fut>(
-        &self,
-        open: F,
-        queued_failure: impl FnOnce() -> Error,
-    ) -> Result<Arc<Lane>, Error>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<PooledConnection, Error>>,
-    {
-        let count = self.slots.len().max(1);
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let Some(slot) = self.slots.get(index) else {
-            return Err(Error::Config("no shared connections configured".to_owned()));
-        };
-        if let Some(lane) = lock(&slot.lane).as_ref().filter(|l| l.usable()) {
-            return Ok(Arc::clone(lane));
-        }
-        let failures_seen = slot.failures.load(Ordering::Acquire);
-        let _refilling = slot.refill.lock().await;
-        {
-            let mut current = lock(&slot.lane);
-            if let Some(lane) = current.as_ref() {
-                if lane.usable() {
-                    return Ok(Arc::clone(lane));
-                }
-                lane.retire();
-                *current = None;
-            }
-        }
-        if slot.failures.load(Ordering::Acquire) != failures_seen {
-            return Err(queued_failure());
-        }
-        let mut conn = match open().await {
-            Ok(conn) => conn,
-            Err(error) => {
-                // Only slow failures (the node did not answer in time) are
-                // shared with the queue; a quick one (refused, reset) costs
-                // the next caller little to try again.
-                if matches!(error, Error::Unavailable { .. } | Error::PoolTimeout { .. }) {
-                    slot.failures.fetch_add(1, Ordering::AcqRel);
-                }
-                return Err(error);
-            }
-        };
-        // Held on purpose for as long as it stays usable.
-        conn.exempt_from_leak_detection();
-        let lane = Arc::new(Lane {
-            conn,
-            retired: AtomicBool::new(false),
-        });
-        *lock(&slot.lane) = Some(Arc::clone(&lane));
-        Ok(lane)
-    }
-
-    /// Takes `lane` out of its slot (if still there) and out of use.
-    pub(crate) fn retire(&self, lane: &Arc<Lane>) {
-        lane.retire();
-        for slot in self.slots.iter() {
-            let mut current = lock(&slot.lane);
-            if current.as_ref().is_some_and(|l| Arc::ptr_eq(l, lane)) {
-                *current = None;
-            }
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -104,6 +104,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) slow: AtomicU64,
     pub(crate) primary_changes: AtomicU64,
+    pub(crate) lanes_busy: AtomicU64,
     pub(crate) latency: Histogram,
 }
 
@@ -116,6 +117,7 @@ impl Counters {
             retries: AtomicU64::new(0),
             slow: AtomicU64::new(0),
             primary_changes: AtomicU64::new(0),
+            lanes_busy: AtomicU64::new(0),
             latency: Histogram::new(),
         }
     }
@@ -137,6 +139,10 @@ pub struct ClusterMetrics {
     pub slow_queries: u64,
     /// Primary changes found by re-discovery.
     pub primary_changes: u64,
+    /// Statements that could have shared a connection but found every
+    /// shared connection busy (stuck behind a long statement, or carrying one
+    /// of unknown length) and took a connection of their own.
+    pub lanes_busy: u64,
     /// Median call duration (within 12.5 %).
     #[serde(with = "opt_secs")]
     pub latency_p50: Option<Duration>,

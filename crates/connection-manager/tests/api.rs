@@ -359,6 +359,17 @@ async fn statements_share_pipelined_connections() {
         .build()
         .await
         .unwrap();
+    // The first run of a text learns how long it takes; only statements
+    // known to be short are pipelined behind others.
+    cluster
+        .query_one(
+            "echo",
+            Route::Write,
+            "SELECT $1::int + $2",
+            &[&0_i32, &0_i32],
+        )
+        .await
+        .unwrap();
     let before = cluster.primary().pool().status().acquired;
     let mut tasks = Vec::new();
     for task in 0..64_i32 {
@@ -378,10 +389,17 @@ async fn statements_share_pipelined_connections() {
     }
     // 3200 statements, a handful of checkouts: the two shared connections
     // (each with its role check) carried them.
+    // (A statement that finds both busy, as on a machine so loaded that no
+    // reply is read for 5 ms, takes a connection of its own: counted.)
     let checkouts = cluster.primary().pool().status().acquired - before;
-    assert!(checkouts <= 4, "{checkouts} checkouts for 3200 statements");
     let metrics = cluster.metrics();
-    assert_eq!(metrics.queries, 3200);
+    assert!(
+        checkouts <= 4 + metrics.lanes_busy,
+        "{checkouts} checkouts for 3200 statements, {} found the lanes busy",
+        metrics.lanes_busy
+    );
+    assert!(metrics.lanes_busy < 160, "{} of 3200", metrics.lanes_busy);
+    assert_eq!(metrics.queries, 3201);
     assert_eq!(metrics.failures, 0);
 
     // A shared connection that breaks is replaced; reads are retried.

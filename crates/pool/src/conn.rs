@@ -107,7 +107,7 @@ impl PgConnection {
             self.mark_unknown();
         }
         match class.session() {
-            Session::Changes(_) => {
+            Session::MayChange(_) | Session::Changes(_) => {
                 self.session.fetch_max(SESSION_CHANGED, Ordering::AcqRel);
             }
             Session::ChangesLastingly(_) => {
@@ -792,6 +792,62 @@ async fn clean_up_and_return(
     shared.returning.send_modify(|n| *n = n.saturating_sub(1));
 }
 
+/// A transaction's id, as the check before `COMMIT` saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransactionId {
+    /// The check did not answer.
+    Unknown,
+    /// No id was assigned: the transaction wrote nothing, so there was
+    /// nothing to commit.
+    Unassigned,
+    /// The id (`txid_current_if_assigned()`, with its epoch), for
+    /// `txid_status`.
+    Assigned(i64),
+}
+
+/// What [`Transaction::commit_checked`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CommitOutcome {
+    /// The server confirmed the `COMMIT`.
+    Committed {
+        /// The transaction's id.
+        xid: TransactionId,
+    },
+    /// A statement had failed in the transaction (or the check before
+    /// `COMMIT` failed), so the server rolled it back: nothing was
+    /// committed.
+    RolledBack,
+}
+
+/// [`Transaction::commit_checked`] got no confirmation.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", match &self.error {
+    Some(e) => format!("COMMIT failed: {e}"),
+    None => "COMMIT got no answer in time".to_owned(),
+})]
+#[non_exhaustive]
+pub struct CommitFailed {
+    /// The transaction's id, when the check before `COMMIT` answered.
+    pub xid: TransactionId,
+    /// What tokio-postgres reported; `None` when the round trip ran past
+    /// its limit. A server error means nothing was committed; anything else
+    /// leaves the outcome unknown.
+    #[source]
+    pub error: Option<Error>,
+}
+
+impl CommitFailed {
+    /// Whether the server refused the `COMMIT` (nothing was committed), as
+    /// opposed to a lost connection or a time-out (unknown outcome).
+    pub fn is_server_error(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.as_db_error().is_some())
+    }
+}
+
 /// A transaction on a [`PooledConnection`], from
 /// [`PooledConnection::transaction`].
 ///
@@ -841,6 +897,104 @@ impl Transaction<'_> {
     pub async fn commit(mut self) -> Result<(), Error> {
         self.done = true;
         self.finish("COMMIT").await
+    }
+
+    /// Commits, and tells whether it did: the transaction's id is read in
+    /// the same round trip, just before the `COMMIT`.
+    ///
+    /// PostgreSQL answers `COMMIT` of a transaction in which a statement
+    /// failed with `ROLLBACK` (a command tag, not an error, and
+    /// tokio-postgres does not show tags), so a plain [`Transaction::commit`]
+    /// returns `Ok` for a transaction that was rolled back. Here the check
+    /// before `COMMIT` fails in such a transaction, and the result is
+    /// [`CommitOutcome::RolledBack`]. The id lets a caller whose connection
+    /// broke with `COMMIT` in flight ask another session whether it
+    /// committed (`txid_status`).
+    ///
+    /// `limit` bounds the round trip; past it the outcome is unknown.
+    ///
+    /// # Errors
+    /// [`CommitFailed`]: a server error (nothing was committed), or a lost
+    /// connection or a time-out (the outcome is unknown), with the id when
+    /// the check answered.
+    pub async fn commit_checked(
+        mut self,
+        limit: Option<Duration>,
+    ) -> Result<CommitOutcome, CommitFailed> {
+        self.done = true;
+        let pg = self.pg();
+        pg.in_flight.fetch_add(2, Ordering::AcqRel);
+        // Both requests go out in this order on the first poll (biased
+        // select): the check runs inside the transaction, then COMMIT.
+        let probe = pg.client.simple_query("SELECT txid_current_if_assigned()");
+        let commit = pg.client.batch_execute("COMMIT");
+        let mut probe = std::pin::pin!(probe);
+        let mut commit = std::pin::pin!(commit);
+        let deadline = limit.map(|l| Instant::now() + l);
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut timer = std::pin::pin!(timer);
+        let mut probed: Option<Result<Vec<SimpleQueryMessage>, Error>> = None;
+        let committed = loop {
+            tokio::select! {
+                biased;
+                answer = &mut probe, if probed.is_none() => {
+                    pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    probed = Some(answer);
+                }
+                done = &mut commit => {
+                    pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    break Some(done);
+                }
+                () = &mut timer => break None,
+            }
+        };
+        let xid = match &probed {
+            Some(Ok(messages)) => {
+                let value = messages.iter().find_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => Some(row.get(0)),
+                    _ => None,
+                });
+                match value {
+                    Some(None) => TransactionId::Unassigned,
+                    Some(Some(text)) => text
+                        .parse()
+                        .map_or(TransactionId::Unknown, TransactionId::Assigned),
+                    None => TransactionId::Unknown,
+                }
+            }
+            _ => TransactionId::Unknown,
+        };
+        match committed {
+            Some(Ok(())) => {
+                if pg.in_flight.load(Ordering::Acquire) == 0 {
+                    pg.mark_idle();
+                } else {
+                    pg.mark_unknown();
+                }
+                match probed {
+                    // The check failed inside the transaction: it was (or
+                    // became) aborted, and COMMIT rolled it back.
+                    Some(Err(e)) if e.as_db_error().is_some() => Ok(CommitOutcome::RolledBack),
+                    _ => Ok(CommitOutcome::Committed { xid }),
+                }
+            }
+            Some(Err(error)) => {
+                pg.mark_unknown();
+                Err(CommitFailed {
+                    xid,
+                    error: Some(error),
+                })
+            }
+            None => {
+                pg.mark_unknown();
+                Err(CommitFailed { xid, error: None })
+            }
+        }
     }
 
     /// Rolls back.

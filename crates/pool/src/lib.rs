@@ -64,7 +64,8 @@ mod status;
 mod tls;
 
 pub use crate::conn::{
-    IsolationLevel, PooledConnection, StatementRef, StatementText, Transaction, TransactionOptions,
+    CommitFailed, CommitOutcome, IsolationLevel, PooledConnection, StatementRef, StatementText,
+    Transaction, TransactionId, TransactionOptions,
 };
 pub use crate::error::{
     AcquirePhase, AcquireTimeout, ConfigError, ConnectError, LastConnectError, PoolError,

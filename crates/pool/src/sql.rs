@@ -62,10 +62,14 @@ pub enum Session {
     /// objects): the answer depends on which connection it runs on. The
     /// text says what.
     Reads(&'static str),
+    /// May change the session, as far as its text tells (`DO`, `CALL`: the
+    /// code they run may do anything; text that could not be read). Treated
+    /// like [`Session::Changes`] by the pool (reset on return), but the
+    /// statement may run on a connection of its own.
+    MayChange(&'static str),
     /// Changes the session in a way `DISCARD ALL` undoes (`SET`,
     /// `set_config(.., false)`, temporary objects, session advisory locks,
-    /// `LISTEN`, `PREPARE`, cursors `WITH HOLD`, `DO` and `CALL`, which may do
-    /// any of these). The text says what.
+    /// `LISTEN`, `PREPARE`, cursors `WITH HOLD`). The text says what.
     Changes(&'static str),
     /// Changes the session in a way `DISCARD ALL` does not undo (`LOAD`,
     /// `setseed`, dblink's named connections): the connection must be closed
@@ -78,8 +82,9 @@ impl Session {
         match self {
             Session::Neutral => 0,
             Session::Reads(_) => 1,
-            Session::Changes(_) => 2,
-            Session::ChangesLastingly(_) => 3,
+            Session::MayChange(_) => 2,
+            Session::Changes(_) => 3,
+            Session::ChangesLastingly(_) => 4,
         }
     }
 
@@ -91,9 +96,12 @@ impl Session {
         }
     }
 
-    /// Whether the session is left changed.
+    /// Whether the session may be left changed.
     pub fn changes(self) -> bool {
-        matches!(self, Session::Changes(_) | Session::ChangesLastingly(_))
+        matches!(
+            self,
+            Session::MayChange(_) | Session::Changes(_) | Session::ChangesLastingly(_)
+        )
     }
 
     /// What the statement does with the session, in words (`None` when
@@ -101,9 +109,10 @@ impl Session {
     pub fn describe(self) -> Option<&'static str> {
         match self {
             Session::Neutral => None,
-            Session::Reads(what) | Session::Changes(what) | Session::ChangesLastingly(what) => {
-                Some(what)
-            }
+            Session::Reads(what)
+            | Session::MayChange(what)
+            | Session::Changes(what)
+            | Session::ChangesLastingly(what) => Some(what),
         }
     }
 }
@@ -135,16 +144,18 @@ pub struct StatementClass {
     savepoint: bool,
     rollback_to_savepoint: bool,
     writes: bool,
+    unreadable: bool,
 }
 
 impl StatementClass {
     const UNREADABLE: StatementClass = StatementClass {
         kind: StatementKind::Other,
-        session: Session::Changes("a statement that could not be read"),
+        session: Session::MayChange("a statement that could not be read"),
         transaction_control: true,
         savepoint: false,
         rollback_to_savepoint: false,
         writes: true,
+        unreadable: true,
     };
 
     fn single(kind: StatementKind, session: Session) -> StatementClass {
@@ -155,7 +166,15 @@ impl StatementClass {
             savepoint: kind == StatementKind::Savepoint,
             rollback_to_savepoint: false,
             writes: !matches!(kind, StatementKind::Read | StatementKind::Empty),
+            unreadable: false,
         }
+    }
+
+    /// Whether the text could not be tokenized (an unterminated string or
+    /// comment): it is then treated as the worst case, and the server will
+    /// most likely reject it.
+    pub fn is_unreadable(&self) -> bool {
+        self.unreadable
     }
 
     /// The kind of the statement ([`StatementKind::Several`] for a batch).
@@ -289,6 +308,7 @@ fn classify_uncached(sql: &str) -> StatementClass {
                 class.savepoint |= part.savepoint;
                 class.rollback_to_savepoint |= part.rollback_to_savepoint;
                 class.writes |= part.writes;
+                class.unreadable |= part.unreadable;
             }
             class
         }
@@ -344,7 +364,7 @@ fn statement(tokens: &[Token]) -> StatementClass {
             None => StatementClass::single(StatementKind::Empty, Session::Neutral),
             Some(_) => StatementClass::single(
                 StatementKind::Other,
-                Session::Changes("a statement pgstack cannot read"),
+                Session::MayChange("a statement pgstack cannot read"),
             ),
         };
     };
@@ -464,11 +484,11 @@ fn statement(tokens: &[Token]) -> StatementClass {
         }
         "do" => (
             StatementKind::Other,
-            Session::Changes("a DO block (it may change the session)"),
+            Session::MayChange("a DO block (its code may change the session)"),
         ),
         "call" => (
             StatementKind::Other,
-            Session::Changes("CALL (a procedure may change the session)"),
+            Session::MayChange("CALL (a procedure may change the session)"),
         ),
         _ => (StatementKind::Other, Session::Neutral),
     };

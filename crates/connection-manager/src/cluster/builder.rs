@@ -9,6 +9,7 @@ pub struct ClusterBuilder {
     pub(super) config: DatabaseConfig,
     pub(super) lanes: Option<usize>,
     pub(super) replication_probe: Option<Duration>,
+    pub(super) busy_after: Duration,
 }
 
 impl ClusterBuilder {
@@ -17,6 +18,16 @@ impl ClusterBuilder {
     /// of `pool.max_size`, between 1 and 4 (none when `max_size` is below 3).
     pub fn shared_connections(mut self, per_node: usize) -> Self {
         self.lanes = Some(per_node);
+        self
+    }
+
+    /// How long a shared connection may go without a reply, with
+    /// statements in flight, before it counts as busy (stuck behind a long
+    /// statement) and new statements go elsewhere; statements that usually
+    /// take longer than this run on a connection of their own. Default:
+    /// 5 ms.
+    pub fn busy_after(mut self, threshold: Duration) -> Self {
+        self.busy_after = threshold;
         self
     }
 
@@ -72,7 +83,13 @@ impl ClusterBuilder {
                     node: Arc::clone(&name),
                     source: Box::new(source),
                 })?;
-            nodes.push(Node::new(index, name, role, pool, lanes));
+            nodes.push(Node::new(
+                index,
+                name,
+                role,
+                pool,
+                Lanes::new(lanes, self.busy_after),
+            ));
         }
         let slow_threshold = config
             .features
@@ -89,10 +106,10 @@ impl ClusterBuilder {
                     slow_threshold,
                     log_parameters: config.query.log_parameters,
                     prepared: config.query.prepared_statements,
-                    attempt_timeout: config
+                    round_trip: config
                         .query
                         .statement_timeout
-                        .map(|t| t + config.pool.connect_timeout),
+                        .map(|t| t + round_trip_margin(config.pool.connect_timeout)),
                     check_timeout: config.pool.connect_timeout,
                 },
                 retry,
@@ -114,5 +131,42 @@ impl ClusterBuilder {
             cluster.spawn_replication_probe(interval);
         }
         Ok(cluster)
+    }
+}
+
+/// What a round trip gets beyond `statement_timeout`: time for the server's
+/// cancellation to come back. Half the connect timeout (at least 50 ms), so
+/// a partition fails a call within `statement_timeout + connect_timeout`.
+pub(super) fn round_trip_margin(connect_timeout: Duration) -> Duration {
+    (connect_timeout / 2).max(Duration::from_millis(50))
+}
+
+/// The default of [`ClusterBuilder::busy_after`].
+pub(super) const DEFAULT_BUSY_AFTER: Duration = Duration::from_millis(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_shared_connections() {
+        assert_eq!(ClusterBuilder::default_lanes(1), 0);
+        assert_eq!(ClusterBuilder::default_lanes(2), 0);
+        assert_eq!(ClusterBuilder::default_lanes(3), 1);
+        assert_eq!(ClusterBuilder::default_lanes(10), 2);
+        assert_eq!(ClusterBuilder::default_lanes(50), 4);
+    }
+
+    #[test]
+    fn a_round_trip_ends_before_statement_timeout_plus_connect_timeout() {
+        for connect in [
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+        ] {
+            let margin = round_trip_margin(connect);
+            assert!(margin >= Duration::from_millis(50));
+            assert!(margin < connect || connect < Duration::from_millis(100));
+        }
     }
 }

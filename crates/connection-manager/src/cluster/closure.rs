@@ -1,20 +1,27 @@
 //! Closures on a connection of their own, and the raw checkout.
+//!
+//! The connection a closure gets records what its statements may have done
+//! (and so do calls nested in the closure, through the task-local record):
+//! the closure runs again only while nothing but reads reached the server,
+//! or when its operation is idempotent.
 
 use super::*;
 
 impl Cluster {
     /// A connection of its own on the node `route` picks (an escape hatch:
-    /// COPY, cursors, session settings). Only the checkout is retried.
+    /// COPY, cursors, session settings). Only the checkout is retried. Each
+    /// round trip on it is bounded by `query.statement_timeout` plus a
+    /// margin. When it is dropped, the pool rolls back anything left open
+    /// and resets a session it changed (`SET`, temporary tables, `LISTEN`,
+    /// advisory locks, prepared statements), so the next caller never sees
+    /// them.
     ///
     /// # Errors
     /// [`Error::PoolTimeout`], [`Error::CircuitOpen`], [`Error::ShuttingDown`].
     pub async fn connection(&self, op: impl Into<Op>, route: Route) -> Result<Connection, Error> {
         let op = op.into();
         let started = Instant::now();
-        let rules = Rules {
-            write: false,
-            idempotent: true,
-        };
+        let rules = CallRules::new(Shape::Checkout, &op, None);
         let result = self
             .with_retries(&op, rules, |_| async {
                 let node = self.route(route).clone();
@@ -25,17 +32,34 @@ impl Cluster {
             })
             .await;
         let (conn, node) = self.finish(&op, route, started, result)?;
-        Ok(Connection {
+        Ok(self.connection_for(conn, node, op, Record::nested(), route))
+    }
+
+    fn connection_for(
+        &self,
+        conn: PooledConnection,
+        node: Node,
+        op: Op,
+        record: Arc<Record>,
+        route: Route,
+    ) -> Connection {
+        Connection {
             conn,
             node,
             op,
             prepared: self.inner.settings.prepared,
-        })
+            limit: self.inner.settings.round_trip,
+            record,
+            writes: !route.is_read(),
+        }
     }
 
     /// Runs `work` with a connection of its own on a replica (or the
-    /// primary, as [`Route::Read`] routes). Retried, whole, on any transient
-    /// error.
+    /// primary, as [`Route::Read`] routes). Retried, whole, on transient
+    /// errors while nothing but plain reads reached the server (a statement
+    /// that is not a plain `SELECT`/`VALUES`/`TABLE`/`SHOW`/`WITH`, or use
+    /// of the raw connection, makes it a write: then only an
+    /// [`Op::idempotent`] closure runs again).
     ///
     /// ```no_run
     /// # async fn run(cluster: pgstack_connection::Cluster) -> Result<(), pgstack_connection::Error> {
@@ -49,7 +73,9 @@ impl Cluster {
     /// ```
     ///
     /// # Errors
-    /// The last attempt's error.
+    /// The last attempt's error; [`Error::PartiallyApplied`] or
+    /// [`Error::CommitOutcomeUnknown`] when it failed after a write reached
+    /// the server.
     pub async fn read<T, F>(&self, op: impl Into<Op>, work: F) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Connection) -> Result<T, Error>,
@@ -58,13 +84,17 @@ impl Cluster {
     }
 
     /// Runs `work` with a connection of its own on the primary. Retried only
-    /// when the connection could not be had (nothing was sent), or on any
-    /// transient error when the operation is [`Op::idempotent`]. A connection
-    /// lost while `work` ran gives [`Error::CommitOutcomeUnknown`]: its
-    /// writes may or may not have happened.
+    /// while none of its statements reached the server (the checkout failed,
+    /// or every statement was refused before it could take effect), or on
+    /// any transient error when the operation is [`Op::idempotent`]: every
+    /// statement of a `write` closure counts as a write. A connection lost
+    /// while `work` ran gives [`Error::CommitOutcomeUnknown`]; any other
+    /// failure after a statement reached the server gives
+    /// [`Error::PartiallyApplied`] when the error alone would say nothing
+    /// was sent.
     ///
     /// # Errors
-    /// The last attempt's error.
+    /// The last attempt's error, settled as above.
     pub async fn write<T, F>(&self, op: impl Into<Op>, work: F) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Connection) -> Result<T, Error>,
@@ -72,15 +102,13 @@ impl Cluster {
         self.closure(op.into(), Route::Write, work).await
     }
 
-    pub(super) async fn closure<T, F>(&self, op: Op, route: Route, work: F) -> Result<T, Error>
+    async fn closure<T, F>(&self, op: Op, route: Route, work: F) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Connection) -> Result<T, Error>,
     {
         let started = Instant::now();
-        let rules = Rules {
-            write: !route.is_read(),
-            idempotent: op.is_idempotent(),
-        };
+        let record = Record::nested();
+        let rules = CallRules::new(Shape::Closure, &op, Some(&*record));
         let work = tokio::sync::Mutex::new(work);
         let result = self
             .with_retries(&op, rules, |_| async {
@@ -89,19 +117,15 @@ impl Cluster {
                     Ok(conn) => conn,
                     Err(e) => return Err((e, Some(node))),
                 };
-                let mut conn = Connection {
-                    conn,
-                    node: node.clone(),
-                    op: op.clone(),
-                    prepared: self.inner.settings.prepared,
-                };
+                let mut conn =
+                    self.connection_for(conn, node.clone(), op.clone(), Arc::clone(&record), route);
                 let mut work = work.lock().await;
-                let result = (*work)(&mut conn).await;
+                let result = record::scope(Arc::clone(&record), (*work)(&mut conn)).await;
                 drop(conn);
                 match result {
                     Ok(value) => Ok((value, node)),
                     Err(error) => {
-                        let error = self.after_failure(&node, &op, route, error, true).await;
+                        let error = self.after_failure(&node, &op, error, true).await;
                         Err((error, Some(node)))
                     }
                 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use metrics::SharedString;
 use pgstack_config::DatabaseConfig;
-use pgstack_pool::{PoolBuilder, PooledConnection, TransactionOptions};
+use pgstack_pool::{
+    CommitOutcome, PoolBuilder, PooledConnection, TransactionId, TransactionOptions,
+};
 use pgstack_resilience::{Classify, ErrorClass, Outcome, RetryPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -22,10 +24,13 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use tracing::Instrument;
 
 use crate::conn::{self, Connection, Got, Transaction, Want, run_statement};
-use crate::error::{Error, is_rejected_before_effect, is_transient_sqlstate};
-use crate::node::{Lane, Node, Role};
+use crate::error::Error;
+use crate::lanes::{Lane, Lanes, Pick};
+use crate::node::{Node, Role};
+use crate::record::{self, Effect, Enclosing, Record};
 use crate::route::{Op, Route, WalPosition};
 use crate::sqlcheck;
+use crate::statements;
 use crate::stats::{
     ClusterMetrics, Counters, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,
     SLOW_QUERIES_METRIC,
@@ -54,7 +59,9 @@ pub(super) struct Settings {
     slow_threshold: Option<Duration>,
     log_parameters: bool,
     prepared: bool,
-    attempt_timeout: Option<Duration>,
+    /// The bound of one round trip: `query.statement_timeout` plus half the
+    /// connect timeout (none without a statement timeout).
+    round_trip: Option<Duration>,
     check_timeout: Duration,
 }
 
@@ -115,9 +122,6 @@ impl Drop for Work<'_> {
     }
 }
 
-/// What one attempt reports besides its value: the node it ran on.
-pub(super) type Attempt<T> = Result<(T, Node), (Error, Option<Node>)>;
-
 impl Cluster {
     /// A builder for a cluster from `config` (`primary`, `replicas` and every
     /// other section).
@@ -126,6 +130,7 @@ impl Cluster {
             config: config.clone(),
             lanes: None,
             replication_probe: None,
+            busy_after: builder::DEFAULT_BUSY_AFTER,
         }
     }
 
@@ -219,6 +224,7 @@ impl Cluster {
             retries: c.retries.load(Ordering::Relaxed),
             slow_queries: c.slow.load(Ordering::Relaxed),
             primary_changes: c.primary_changes.load(Ordering::Relaxed),
+            lanes_busy: c.lanes_busy.load(Ordering::Relaxed),
             latency_p50: c.latency.quantile(0.50),
             latency_p99: c.latency.quantile(0.99),
             nodes: self

@@ -2,62 +2,98 @@
 
 use super::*;
 
-/// How a call's errors are retried.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Rules {
-    /// The work may write outside a transaction.
-    pub(super) write: bool,
-    pub(super) idempotent: bool,
+/// The shape of a call, as far as the retry rules care (the table in
+/// `docs/connection.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// One statement; `writes`: it counts as a write (its route is the
+    /// primary's writes, or its form is not a plain read).
+    Statement { writes: bool },
+    /// A `read` or `write` closure: what its connection recorded decides.
+    Closure,
+    /// A transaction: nothing took effect unless `COMMIT` was answered; its
+    /// record holds what nested calls did.
+    Transaction,
+    /// The checkout of [`Cluster::connection`]: nothing is sent.
+    Checkout,
 }
 
-impl Classify<Error> for Rules {
-    fn classify(&self, error: &Error) -> ErrorClass {
-        let repeatable_if_sent = !self.write || self.idempotent;
-        match error {
-            Error::PoolTimeout { .. } | Error::CircuitOpen { .. } | Error::Unavailable { .. } => {
-                ErrorClass::Transient
-            }
-            Error::Connection { sent: false, .. } => ErrorClass::Transient,
-            Error::Connection { sent: true, .. } | Error::Timeout { .. } => {
-                if repeatable_if_sent {
-                    ErrorClass::Transient
-                } else {
-                    ErrorClass::TransientNotRepeatable
-                }
-            }
-            Error::Database(db) if is_transient_sqlstate(&db.code) => {
-                if repeatable_if_sent || is_rejected_before_effect(&db.code) {
-                    ErrorClass::Transient
-                } else {
-                    ErrorClass::TransientNotRepeatable
-                }
-            }
-            Error::CommitOutcomeUnknown { .. } => ErrorClass::TransientNotRepeatable,
-            _ => ErrorClass::Permanent,
-        }
-    }
-
-    fn breaker_outcome(&self, error: &Error) -> Outcome {
-        if error.is_node_failure() {
-            Outcome::Failure
-        } else {
-            Outcome::Ignored
-        }
-    }
-}
-
-/// [`Rules`] for one call, with the call's retry deadline: a node whose
-/// breaker is open and will not let a probe through before that deadline
-/// ends the retries at once (waiting cannot help, so the call fails in
-/// microseconds, naming the node and the next probe); an open breaker that
+/// The retry rules of one call: they read what the call may have done (the
+/// record its connection wrappers keep, or for a statement the error
+/// itself), never the call's kind, and the call's deadline.
+///
+/// A node whose breaker is open and will not let a probe through before the
+/// deadline ends the retries at once (waiting cannot help, so the call fails
+/// in microseconds, naming the node and the next probe); an open breaker that
 /// probes before the deadline is waited for like any transient error (a
 /// restarting primary).
-pub(super) struct CallRules {
-    pub(super) rules: Rules,
+pub(super) struct CallRules<'a> {
+    pub(super) shape: Shape,
+    pub(super) idempotent: bool,
+    pub(super) record: Option<&'a Record>,
     pub(super) give_up_at: Option<Instant>,
 }
 
-impl Classify<Error> for CallRules {
+impl<'a> CallRules<'a> {
+    pub(super) fn new(shape: Shape, op: &Op, record: Option<&'a Record>) -> Self {
+        CallRules {
+            shape,
+            idempotent: op.is_idempotent(),
+            record,
+            give_up_at: None,
+        }
+    }
+
+    /// What the call may have done, given the error that ended an attempt.
+    pub(super) fn effect(&self, error: &Error) -> Effect {
+        let own = match self.shape {
+            Shape::Statement { .. } if error.provably_not_sent() => Effect::None,
+            Shape::Statement { writes: true } => Effect::MayHaveWritten,
+            Shape::Statement { writes: false } => Effect::Read,
+            Shape::Closure | Shape::Transaction | Shape::Checkout => Effect::None,
+        };
+        own.max(self.record.map_or(Effect::None, Record::effect))
+    }
+
+    /// The error the caller gets once the retries are over: a write whose
+    /// connection broke (or timed out) with it in flight has an unknown
+    /// outcome; an error that would say "nothing was sent" after earlier
+    /// work of the call may have taken effect says so instead.
+    pub(super) fn settle(&self, error: Error, op: &Op) -> Error {
+        if self.effect(&error) < Effect::MayHaveWritten {
+            return error;
+        }
+        let in_flight = matches!(self.shape, Shape::Statement { .. } | Shape::Closure);
+        match error {
+            Error::Connection {
+                node,
+                operation,
+                sent: true,
+                source,
+            } if in_flight && !self.idempotent => Error::CommitOutcomeUnknown {
+                node,
+                operation,
+                source: Some(source),
+            },
+            Error::Timeout {
+                node, operation, ..
+            } if in_flight && !self.idempotent => Error::CommitOutcomeUnknown {
+                node,
+                operation,
+                source: None,
+            },
+            error if error.provably_not_sent() => Error::PartiallyApplied {
+                node: error.node().map_or_else(|| Arc::from("unknown"), Arc::from),
+                operation: op.name().to_owned(),
+                committed: false,
+                source: Box::new(error),
+            },
+            error => error,
+        }
+    }
+}
+
+impl Classify<Error> for CallRules<'_> {
     fn classify(&self, error: &Error) -> ErrorClass {
         if error.is_forced_open() {
             return ErrorClass::Permanent;
@@ -72,11 +108,34 @@ impl Classify<Error> for CallRules {
         {
             return ErrorClass::Permanent;
         }
-        self.rules.classify(error)
+        match error {
+            Error::CommitOutcomeUnknown { .. } | Error::PartiallyApplied { .. } => {
+                return ErrorClass::TransientNotRepeatable;
+            }
+            // A transaction whose round trip ran out was rolled back; the
+            // node did not answer within the bound, and repeating it would
+            // wait as long again.
+            Error::Timeout { .. } if self.shape == Shape::Transaction => {
+                return ErrorClass::TransientNotRepeatable;
+            }
+            _ => {}
+        }
+        if !error.is_transient() {
+            return ErrorClass::Permanent;
+        }
+        if self.idempotent || self.effect(error) <= Effect::Read {
+            ErrorClass::Transient
+        } else {
+            ErrorClass::TransientNotRepeatable
+        }
     }
 
     fn breaker_outcome(&self, error: &Error) -> Outcome {
-        self.rules.breaker_outcome(error)
+        if error.is_node_failure() {
+            Outcome::Failure
+        } else {
+            Outcome::Ignored
+        }
     }
 
     /// Nothing reached the node: waiting for it spends no attempt and no
@@ -97,12 +156,15 @@ impl Classify<Error> for CallRules {
     }
 }
 
+/// What one attempt reports besides its value: the node it ran on.
+pub(super) type Attempt<T> = Result<(T, Node), (Error, Option<Node>)>;
+
 impl Cluster {
     /// Runs `attempt` under the retry policy, counting retries.
     pub(super) async fn with_retries<T, F, Fut>(
         &self,
         op: &Op,
-        rules: Rules,
+        mut rules: CallRules<'_>,
         mut attempt: F,
     ) -> Attempt<T>
     where
@@ -117,10 +179,7 @@ impl Cluster {
         let deadline = op
             .retry_deadline_override()
             .or_else(|| self.inner.retry.deadline());
-        let rules = CallRules {
-            rules,
-            give_up_at: deadline.map(|d| Instant::now() + d),
-        };
+        rules.give_up_at = deadline.map(|d| Instant::now() + d);
         let result = self
             .inner
             .retry
@@ -145,7 +204,7 @@ impl Cluster {
             .await;
         result.map_err(|e| {
             let node = last_node.lock().unwrap_or_else(|p| p.into_inner()).take();
-            (e.into_inner(), node)
+            (rules.settle(e.into_inner(), op), node)
         })
     }
 
@@ -215,7 +274,7 @@ pub(super) const STARTING_UP_POLL: Duration = Duration::from_millis(100);
 mod tests {
     use super::*;
 
-    pub(super) fn timeout() -> Error {
+    fn timeout() -> Error {
         Error::Timeout {
             node: "primary".into(),
             operation: "op".into(),
@@ -223,7 +282,7 @@ mod tests {
         }
     }
 
-    pub(super) fn unavailable() -> Error {
+    fn unavailable() -> Error {
         Error::Unavailable {
             node: "primary".into(),
             operation: "op".into(),
@@ -231,22 +290,30 @@ mod tests {
         }
     }
 
+    fn unknown() -> Error {
+        Error::CommitOutcomeUnknown {
+            node: "primary".into(),
+            operation: "op".into(),
+            source: None,
+        }
+    }
+
+    fn rules(shape: Shape, idempotent: bool, record: Option<&Record>) -> CallRules<'_> {
+        let op = if idempotent {
+            Op::from("op").idempotent()
+        } else {
+            Op::from("op")
+        };
+        CallRules::new(shape, &op, record)
+    }
+
     #[test]
-    pub(super) fn retry_rules_follow_what_was_sent() {
-        let read = Rules {
-            write: false,
-            idempotent: false,
-        };
-        let write = Rules {
-            write: true,
-            idempotent: false,
-        };
-        let idempotent = Rules {
-            write: true,
-            idempotent: true,
-        };
+    fn a_statement_is_repeated_by_what_its_error_says_was_sent() {
+        let read = rules(Shape::Statement { writes: false }, false, None);
+        let write = rules(Shape::Statement { writes: true }, false, None);
+        let idempotent = rules(Shape::Statement { writes: true }, true, None);
         // Nothing sent: everyone retries.
-        for rules in [read, write, idempotent] {
+        for rules in [&read, &write, &idempotent] {
             assert_eq!(rules.classify(&unavailable()), ErrorClass::Transient);
         }
         // Maybe sent: reads and idempotent writes only.
@@ -256,14 +323,22 @@ mod tests {
             ErrorClass::TransientNotRepeatable
         );
         assert_eq!(idempotent.classify(&timeout()), ErrorClass::Transient);
+        // A write whose round trip ran out may still run: unknown outcome.
+        assert!(
+            write
+                .settle(timeout(), &Op::from("op"))
+                .is_commit_outcome_unknown()
+        );
+        assert!(matches!(
+            read.settle(timeout(), &Op::from("op")),
+            Error::Timeout { .. }
+        ));
         // An unknown commit is never repeated, idempotent or not.
-        let unknown = Error::CommitOutcomeUnknown {
-            node: "primary".into(),
-            operation: "op".into(),
-            source: None,
-        };
-        for rules in [read, write, idempotent] {
-            assert_eq!(rules.classify(&unknown), ErrorClass::TransientNotRepeatable);
+        for rules in [&read, &write, &idempotent] {
+            assert_eq!(
+                rules.classify(&unknown()),
+                ErrorClass::TransientNotRepeatable
+            );
         }
         // Misuse and shutdown are permanent.
         let usage = Error::Usage {
@@ -280,7 +355,7 @@ mod tests {
         }
         assert!(unavailable().is_transient() && unavailable().provably_not_sent());
         assert!(timeout().is_transient() && !timeout().provably_not_sent());
-        assert!(!unknown.is_transient() && unknown.is_commit_outcome_unknown());
+        assert!(!unknown().is_transient() && unknown().is_commit_outcome_unknown());
         // Only node failures count against a breaker.
         assert_eq!(read.breaker_outcome(&timeout()), Outcome::Failure);
         assert_eq!(
@@ -293,15 +368,73 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn default_shared_connections() {
-        assert_eq!(ClusterBuilder::default_lanes(1), 0);
-        assert_eq!(ClusterBuilder::default_lanes(2), 0);
-        assert_eq!(ClusterBuilder::default_lanes(3), 1);
-        assert_eq!(ClusterBuilder::default_lanes(10), 2);
-        assert_eq!(ClusterBuilder::default_lanes(50), 4);
+    fn a_closure_is_repeated_by_what_its_connection_recorded() {
+        let record = Record::nested();
+        let closure = rules(Shape::Closure, false, Some(&record));
+        // Nothing yet (the checkout failed): repeat.
+        assert_eq!(closure.classify(&timeout()), ErrorClass::Transient);
+        // Reads only: repeat.
+        let _ = record.sending(false);
+        assert_eq!(closure.classify(&timeout()), ErrorClass::Transient);
+        assert!(matches!(
+            closure.settle(unavailable(), &Op::from("op")),
+            Error::Unavailable { .. }
+        ));
+        // A write reached the server: a later "nothing sent" error (a nested
+        // pool time-out, a 55P03) does not make the call repeatable.
+        let _ = record.sending(true);
+        assert_eq!(
+            closure.classify(&unavailable()),
+            ErrorClass::TransientNotRepeatable
+        );
+        let settled = closure.settle(unavailable(), &Op::from("place-order"));
+        assert!(
+            matches!(
+                settled,
+                Error::PartiallyApplied {
+                    committed: false,
+                    ..
+                }
+            ),
+            "{settled:?}"
+        );
+        assert!(!settled.provably_not_sent() && !settled.is_transient());
+        assert!(settled.to_string().contains("place-order"), "{settled}");
+        // Lost with a statement in flight: unknown.
+        assert!(
+            closure
+                .settle(timeout(), &Op::from("op"))
+                .is_commit_outcome_unknown()
+        );
+        // Unless the caller says repeating it is safe.
+        let idempotent = rules(Shape::Closure, true, Some(&record));
+        assert_eq!(idempotent.classify(&unavailable()), ErrorClass::Transient);
     }
 
-    pub(super) fn circuit_open(probe_in: Option<Duration>) -> Error {
+    #[test]
+    fn a_transaction_is_repeated_unless_it_timed_out_or_a_nested_call_wrote() {
+        let record = Record::nested();
+        let tx = rules(Shape::Transaction, false, Some(&record));
+        assert_eq!(tx.classify(&unavailable()), ErrorClass::Transient);
+        // Rolled back after a round trip ran out: not waited for again.
+        assert_eq!(tx.classify(&timeout()), ErrorClass::TransientNotRepeatable);
+        assert!(matches!(
+            tx.settle(timeout(), &Op::from("op")),
+            Error::Timeout { .. }
+        ));
+        // A nested autocommit write outside the transaction took effect.
+        let _ = record.sending(true);
+        assert_eq!(
+            tx.classify(&unavailable()),
+            ErrorClass::TransientNotRepeatable
+        );
+        assert!(matches!(
+            tx.settle(unavailable(), &Op::from("op")),
+            Error::PartiallyApplied { .. }
+        ));
+    }
+
+    fn circuit_open(probe_in: Option<Duration>) -> Error {
         Error::CircuitOpen {
             node: "primary".into(),
             operation: "op".into(),
@@ -313,15 +446,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    pub(super) async fn an_open_breaker_is_waited_for_only_when_it_probes_before_the_deadline() {
-        let read = Rules {
-            write: false,
-            idempotent: false,
-        };
-        let call = CallRules {
-            rules: read,
-            give_up_at: Some(Instant::now() + Duration::from_secs(3)),
-        };
+    async fn an_open_breaker_is_waited_for_only_when_it_probes_before_the_deadline() {
+        let mut call = rules(Shape::Statement { writes: false }, false, None);
+        call.give_up_at = Some(Instant::now() + Duration::from_secs(3));
         let soon = circuit_open(Some(Duration::from_millis(300)));
         let late = circuit_open(Some(Duration::from_secs(5)));
         let unknown = circuit_open(None);
@@ -332,12 +459,9 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2800)).await;
         assert_eq!(call.classify(&soon), ErrorClass::Permanent);
         // Without a deadline, an open breaker is always waited for.
-        let patient = CallRules {
-            rules: read,
-            give_up_at: None,
-        };
+        let patient = rules(Shape::Statement { writes: false }, false, None);
         assert_eq!(patient.classify(&late), ErrorClass::Transient);
         // Other errors follow the rules.
-        assert_eq!(call.classify(&timeout()), read.classify(&timeout()));
+        assert_eq!(call.classify(&timeout()), patient.classify(&timeout()));
     }
 }

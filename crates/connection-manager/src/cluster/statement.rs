@@ -1,5 +1,12 @@
 //! The statement helpers: one statement on a shared (pipelined) connection
 //! or a connection of its own.
+//!
+//! A statement shares a connection only when it is one plain read or write
+//! without session effects (the allow-list in `pgstack_pool::classify`) and
+//! is known to be short ([`statements`]); the lane is chosen by the work in
+//! flight on it ([`crate::lanes`]). Session statements are refused (their
+//! effect would not outlive the call); anything else takes a connection of
+//! its own.
 
 use super::*;
 
@@ -19,18 +26,38 @@ impl Drop for LaneGuard<'_> {
     }
 }
 
+/// What one statement attempt needs besides the cluster.
+#[derive(Clone, Copy)]
+pub(super) struct Statement<'a> {
+    pub(super) op: &'a Op,
+    pub(super) route: Route,
+    pub(super) sql: &'a str,
+    pub(super) params: &'a [&'a (dyn ToSql + Sync)],
+    pub(super) want: Want,
+    pub(super) profile: statements::Profile,
+    /// It counts as a write: its route or its form says so.
+    pub(super) writes: bool,
+    /// Read the WAL position after it, on the same connection.
+    pub(super) track: bool,
+}
+
+/// A statement's result, and the WAL position read after it when asked for.
+pub(super) type Done = (Got, Option<Result<WalPosition, Error>>);
+
 impl Cluster {
     /// Runs a statement on the node `route` picks and returns its rows.
     ///
-    /// Outside a transaction, statements share a few pipelined connections
-    /// per node; transaction control, `SET` and other session statements are
-    /// refused ([`Error::Usage`]). Retried as `docs/connection.md` says: reads
-    /// on any transient error, writes only when nothing was sent or the
-    /// operation is [`Op::idempotent`].
+    /// Plain reads and writes share a few pipelined connections per node;
+    /// other statements (DDL, `COPY`, `DO`, ...) take a connection of their
+    /// own; statements that control transactions or change or read the
+    /// session (`BEGIN`, `SET`, temporary tables, `LISTEN`, `currval`, ...)
+    /// are refused ([`Error::Usage`], saying what to use instead). Retried as
+    /// `docs/connection.md` says: reads on any transient error, writes only
+    /// when nothing was sent or the operation is [`Op::idempotent`].
     ///
     /// # Errors
-    /// Any [`Error`]; a write whose connection was lost in flight gives
-    /// [`Error::CommitOutcomeUnknown`].
+    /// Any [`Error`]; a write whose connection was lost (or whose round trip
+    /// ran out) in flight gives [`Error::CommitOutcomeUnknown`].
     pub async fn query(
         &self,
         op: impl Into<Op>,
@@ -38,10 +65,11 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
-        let got = self
-            .statement(op.into(), route, sql, params, Want::Rows)
+        let op = op.into();
+        let ((got, _), _) = self
+            .statement(&op, route, sql, params, Want::Rows, false)
             .await?;
-        Ok(conn::rows(got.0))
+        Ok(conn::rows(got))
     }
 
     /// Runs a statement that returns exactly one row.
@@ -56,8 +84,8 @@ impl Cluster {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error> {
         let op = op.into();
-        let (got, node) = self
-            .statement(op.clone(), route, sql, params, Want::Rows)
+        let ((got, _), node) = self
+            .statement(&op, route, sql, params, Want::Rows, false)
             .await?;
         conn::one(conn::rows(got), &node, op.name())
     }
@@ -74,8 +102,8 @@ impl Cluster {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error> {
         let op = op.into();
-        let (got, node) = self
-            .statement(op.clone(), route, sql, params, Want::Rows)
+        let ((got, _), node) = self
+            .statement(&op, route, sql, params, Want::Rows, false)
             .await?;
         conn::opt(conn::rows(got), &node, op.name())
     }
@@ -91,18 +119,22 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error> {
-        let got = self
-            .statement(op.into(), route, sql, params, Want::Count)
+        let op = op.into();
+        let ((got, _), _) = self
+            .statement(&op, route, sql, params, Want::Count, false)
             .await?;
-        Ok(conn::count(got.0))
+        Ok(conn::count(got))
     }
 
     /// Runs a write on the primary and hands back, with the number of rows
-    /// affected, a WAL position at or after its commit: give it to a later
-    /// read as [`Route::ReadAfter`] to read your own write.
+    /// affected, a WAL position at or after its commit (read on the same
+    /// connection right after it): give it to a later read as
+    /// [`Route::ReadAfter`] to read your own write.
     ///
     /// # Errors
-    /// As [`Cluster::execute`].
+    /// As [`Cluster::execute`]; [`Error::PartiallyApplied`] (with
+    /// `committed`) when the write committed but the position could not be
+    /// read: the write is not repeated.
     pub async fn execute_tracked(
         &self,
         op: impl Into<Op>,
@@ -110,11 +142,24 @@ impl Cluster {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(u64, WalPosition), Error> {
         let op = op.into();
-        let (got, node) = self
-            .statement(op.clone(), Route::Write, sql, params, Want::Count)
+        let ((got, position), node) = self
+            .statement(&op, Route::Write, sql, params, Want::Count, true)
             .await?;
-        let position = self.position_on(&node, &op).await?;
-        Ok((conn::count(got), position))
+        match position {
+            Some(Ok(position)) => Ok((conn::count(got), position)),
+            Some(Err(error)) => Err(Error::PartiallyApplied {
+                node: Arc::clone(node.name_arc()),
+                operation: op.name().to_owned(),
+                committed: true,
+                source: Box::new(error),
+            }),
+            None => Err(Error::PartiallyApplied {
+                node: Arc::clone(node.name_arc()),
+                operation: op.name().to_owned(),
+                committed: true,
+                source: Box::new(no_position(&node, &op)),
+            }),
+        }
     }
 
     /// The primary's current WAL position: every write acknowledged before
@@ -126,36 +171,20 @@ impl Cluster {
     pub async fn wal_position(&self, op: impl Into<Op>) -> Result<WalPosition, Error> {
         let op = op.into();
         let node = self.primary().clone();
-        self.position_on(&node, &op).await
+        let conn = self.checkout(&node, &op).await?;
+        let limit = self.inner.settings.round_trip;
+        conn::bounded(limit, &node, &op, position_on(&conn, &node, &op)).await
     }
 
-    pub(super) async fn position_on(&self, node: &Node, op: &Op) -> Result<WalPosition, Error> {
-        let conn = self.checkout(node, op).await?;
-        // The insert position: with `synchronous_commit = off` the commit
-        // record may not be written yet, but it is inserted.
-        let rows = conn
-            .simple_query("SELECT pg_current_wal_insert_lsn()::text")
-            .await
-            .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), true))?;
-        first_text(&rows)
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| Error::Usage {
-                operation: op.name().to_owned(),
-                problem: format!(
-                    "{} returned no WAL position (is it a standby?)",
-                    node.name()
-                ),
-            })
-    }
-
-    pub(super) async fn statement(
+    async fn statement(
         &self,
-        op: Op,
+        op: &Op,
         route: Route,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         want: Want,
-    ) -> Result<(Got, Node), Error> {
+        track: bool,
+    ) -> Result<(Done, Node), Error> {
         let span = tracing::debug_span!(
             "pgstack.statement",
             op = op.name(),
@@ -165,138 +194,196 @@ impl Cluster {
         );
         async {
             let started = Instant::now();
-            let result = match sqlcheck::refusal(sql) {
+            let profile = statements::profile(sql);
+            let result = match sqlcheck::refusal(&profile.class, sql) {
                 Some(problem) => Err((
                     Error::Usage {
                         operation: op.name().to_owned(),
-                        problem: problem.to_owned(),
+                        problem,
                     },
                     None,
                 )),
                 None => {
-                    let rules = Rules {
-                        write: !route.is_read(),
-                        idempotent: op.is_idempotent(),
+                    let writes = !route.is_read() || !profile.class.is_read();
+                    let statement = Statement {
+                        op,
+                        route,
+                        sql,
+                        params,
+                        want,
+                        profile,
+                        writes,
+                        track,
                     };
-                    self.with_retries(&op, rules, |attempt| {
-                        self.statement_attempt(&op, route, sql, params, want, attempt)
+                    let rules = CallRules::new(Shape::Statement { writes }, op, None);
+                    let enclosing = Enclosing::find();
+                    self.with_retries(op, rules, |attempt| {
+                        self.statement_attempt(statement, attempt, &enclosing)
                     })
                     .await
                 }
             };
-            self.finish(&op, route, started, result)
+            self.finish(op, route, started, result)
         }
         .instrument(span)
         .await
     }
 
-    pub(super) async fn statement_attempt(
+    async fn statement_attempt(
         &self,
-        op: &Op,
-        route: Route,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        want: Want,
+        statement: Statement<'_>,
         attempt: u32,
-    ) -> Attempt<Got> {
+        enclosing: &Enclosing,
+    ) -> Attempt<Done> {
+        let Statement {
+            op,
+            route,
+            sql,
+            params,
+            ..
+        } = statement;
         let node = self.route(route).clone();
         record_attempt(&node, attempt);
         let started = Instant::now();
-        let prepared = self.inner.settings.prepared;
-        let result = if node.inner.lanes.enabled() {
-            let queued_failure = || Error::Unavailable {
-                node: Arc::clone(node.name_arc()),
-                operation: op.name().to_owned(),
-                reason: "opening a shared connection just failed; the node is being probed"
-                    .to_owned(),
-            };
-            match node
-                .inner
-                .lanes
-                .get(|| self.open_lane(&node), queued_failure)
-                .await
-            {
-                Err(e) => Err(e),
-                Ok(lane) => {
-                    let mut guard = LaneGuard {
-                        node: &node,
-                        lane: &lane,
-                        armed: true,
-                    };
-                    let run = run_statement!(
-                        &lane.conn,
-                        prepared,
-                        sql,
-                        params,
-                        want,
-                        node.name_arc(),
-                        op.name()
-                    );
-                    let result = self.timed(&node, op, run).await;
-                    guard.armed = false;
-                    if matches!(
-                        result,
-                        Err(Error::Connection { .. } | Error::Timeout { .. })
-                    ) {
-                        node.inner.lanes.retire(&lane);
-                    }
-                    result
+        let sent = enclosing.sending(statement.writes);
+        let lanes = &node.inner.lanes;
+        let busy_after = lanes.busy_after();
+        let shared = lanes.enabled() && statement.profile.may_share(busy_after);
+        let pick = if shared {
+            lanes.pick(started, statement.profile.is_short(busy_after))
+        } else {
+            Pick::Busy
+        };
+        let result = match pick {
+            Pick::Lane(lane) => self.on_lane(&node, &lane, statement).await,
+            Pick::Open(slot) => {
+                let queued_failure = || Error::Unavailable {
+                    node: Arc::clone(node.name_arc()),
+                    operation: op.name().to_owned(),
+                    reason: "opening a shared connection just failed; the node is being probed"
+                        .to_owned(),
+                };
+                match lanes
+                    .open(slot, || self.open_lane(&node), queued_failure)
+                    .await
+                {
+                    Ok(lane) => self.on_lane(&node, &lane, statement).await,
+                    Err(e) => Err(e),
                 }
             }
-        } else {
-            match self.checkout(&node, op).await {
-                Err(e) => Err(e),
-                Ok(conn) => {
-                    let run = run_statement!(
-                        &conn,
-                        prepared,
-                        sql,
-                        params,
-                        want,
-                        node.name_arc(),
-                        op.name()
-                    );
-                    self.timed(&node, op, run).await
+            Pick::Busy => {
+                if shared {
+                    self.inner
+                        .counters
+                        .lanes_busy
+                        .fetch_add(1, Ordering::Relaxed);
                 }
+                self.on_own(&node, statement).await
             }
         };
         self.slow_check(op, route, &node, started, sql, params);
         match result {
-            Ok(got) => Ok((got, node)),
+            Ok(done) => Ok((done, node)),
             Err(error) => {
-                let error = self.after_failure(&node, op, route, error, true).await;
+                if error.provably_not_sent() {
+                    enclosing.not_sent(sent);
+                }
+                let error = self.after_failure(&node, op, error, true).await;
                 Err((error, Some(node)))
             }
         }
     }
 
-    /// Bounds one attempt by `statement_timeout + connect_timeout`.
-    pub(super) async fn timed<T>(
+    /// Runs `statement` on a shared connection.
+    async fn on_lane(
         &self,
         node: &Node,
-        op: &Op,
-        work: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        match self.inner.settings.attempt_timeout {
-            None => work.await,
-            Some(limit) => match tokio::time::timeout(limit, work).await {
-                Ok(result) => result,
-                Err(_) => Err(Error::Timeout {
-                    node: Arc::clone(node.name_arc()),
-                    operation: op.name().to_owned(),
-                    after: limit,
-                }),
-            },
+        lane: &Arc<Lane>,
+        statement: Statement<'_>,
+    ) -> Result<Done, Error> {
+        let lanes = &node.inner.lanes;
+        let mut guard = LaneGuard {
+            node,
+            lane,
+            armed: true,
+        };
+        let limit = self.inner.settings.round_trip;
+        let known_short = statement.profile.is_short(lanes.busy_after());
+        let flight = lanes.start(lane, Instant::now(), known_short);
+        let run = run_statement!(
+            &lane.conn,
+            self.inner.settings.prepared,
+            statement.sql,
+            statement.params,
+            statement.want,
+            node.name_arc(),
+            statement.op.name()
+        );
+        let result = conn::bounded(limit, node, statement.op, run).await;
+        let served = flight.done(Instant::now());
+        let result = match result {
+            Ok(got) => {
+                if let Some(timing) = statement.profile.timing {
+                    timing.record(served);
+                }
+                let position = if statement.track {
+                    let read = position_on(&lane.conn, node, statement.op);
+                    Some(conn::bounded(limit, node, statement.op, read).await)
+                } else {
+                    None
+                };
+                Ok((got, position))
+            }
+            Err(error) => Err(error),
+        };
+        guard.armed = false;
+        let broken = |e: &Error| matches!(e, Error::Connection { .. } | Error::Timeout { .. });
+        let broke = match &result {
+            Err(e) | Ok((_, Some(Err(e)))) => broken(e),
+            Ok(_) => false,
+        };
+        // The allow-list keeps session statements off the lanes; should the
+        // pool still see a change, the lane is not used again.
+        if broke || lane.conn.session_changed() {
+            lanes.retire(lane);
         }
+        result
     }
 
-    /// What a failed attempt means for routing, and the error the caller
-    /// sees: a write whose connection broke in flight has an unknown outcome.
+    /// Runs `statement` on a connection of its own.
+    async fn on_own(&self, node: &Node, statement: Statement<'_>) -> Result<Done, Error> {
+        let conn = self.checkout(node, statement.op).await?;
+        let limit = self.inner.settings.round_trip;
+        let run = run_statement!(
+            &conn,
+            self.inner.settings.prepared,
+            statement.sql,
+            statement.params,
+            statement.want,
+            node.name_arc(),
+            statement.op.name()
+        );
+        let sent_at = Instant::now();
+        let got = conn::bounded(limit, node, statement.op, run).await?;
+        if let Some(timing) = statement.profile.timing {
+            timing.record(sent_at.elapsed());
+        }
+        let position = if statement.track {
+            let read = position_on(&conn, node, statement.op);
+            Some(conn::bounded(limit, node, statement.op, read).await)
+        } else {
+            None
+        };
+        Ok((got, position))
+    }
+
+    /// What a failed attempt means for routing: a node failure sets the
+    /// node aside, a `25006` from the primary starts a search for the new
+    /// one. (What the caller sees is settled by the retry rules.)
     pub(super) async fn after_failure(
         &self,
         node: &Node,
         op: &Op,
-        route: Route,
         error: Error,
         read_only_means_failover: bool,
     ) -> Error {
@@ -317,19 +404,7 @@ impl Cluster {
                 tracing::warn!(error = %e, "re-discovery found no writable primary");
             }
         }
-        match error {
-            Error::Connection {
-                node,
-                operation,
-                sent: true,
-                source,
-            } if route == Route::Write && !op.is_idempotent() => Error::CommitOutcomeUnknown {
-                node,
-                operation,
-                source: Some(source),
-            },
-            other => other,
-        }
+        error
     }
 
     pub(super) fn slow_check(
@@ -448,5 +523,28 @@ impl Cluster {
                 })
             }
         }
+    }
+}
+
+/// Reads the primary's WAL insert position on `conn`: with
+/// `synchronous_commit = off` a commit's record may not be written yet when
+/// the commit returns, but it is inserted.
+async fn position_on(conn: &PooledConnection, node: &Node, op: &Op) -> Result<WalPosition, Error> {
+    let rows = conn
+        .simple_query("SELECT pg_current_wal_insert_lsn()::text")
+        .await
+        .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), true))?;
+    first_text(&rows)
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| no_position(node, op))
+}
+
+fn no_position(node: &Node, op: &Op) -> Error {
+    Error::Usage {
+        operation: op.name().to_owned(),
+        problem: format!(
+            "{} returned no WAL position after the write (is it a standby?)",
+            node.name()
+        ),
     }
 }

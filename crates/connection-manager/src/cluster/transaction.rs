@@ -7,8 +7,21 @@ impl Cluster {
     /// returns `Ok`, rolled back on `Err`, on a panic or when the future is
     /// dropped. Retried as a whole on serialization failures and deadlocks
     /// (`40001`, `40P01`) and when the transaction could not start or broke
-    /// before `COMMIT` was sent; a connection lost while `COMMIT` was in
-    /// flight gives [`Error::CommitOutcomeUnknown`] and no retry.
+    /// before `COMMIT` was sent (unless a call nested in the closure wrote
+    /// outside the transaction: then only when the operation is
+    /// [`Op::idempotent`]).
+    ///
+    /// Every round trip is bounded by `query.statement_timeout` plus a
+    /// margin; a transaction whose round trip runs out is rolled back and not
+    /// retried ([`Error::Timeout`]). A statement that failed dooms the
+    /// transaction: returning `Ok` after it (the error swallowed) gives
+    /// [`Error::TransactionAborted`], never a commit, unless a `ROLLBACK TO
+    /// SAVEPOINT` recovered it. `COMMIT` is checked in the same round trip: a
+    /// transaction the server rolled back instead is never reported
+    /// committed. A connection lost while `COMMIT` was in flight is resolved
+    /// by asking the node whether the transaction committed
+    /// (`txid_status`); only an unanswerable one gives
+    /// [`Error::CommitOutcomeUnknown`], never retried.
     ///
     /// `work` may run more than once: keep effects outside the database out
     /// of it. For a call moved into `tokio::spawn`, write `async move |tx|`
@@ -28,7 +41,9 @@ impl Cluster {
     /// ```
     ///
     /// # Errors
-    /// The last attempt's error; [`Error::Aborted`] for the caller's own.
+    /// The last attempt's error; [`Error::Aborted`] for the caller's own;
+    /// [`Error::TransactionAborted`]; [`Error::Usage`] for transaction
+    /// control inside the closure.
     pub async fn transaction<T, F>(&self, op: impl Into<Op>, work: F) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
@@ -66,19 +81,17 @@ impl Cluster {
         );
         async {
             let started = Instant::now();
-            // A transaction that did not commit had no effect: repeating it
-            // is safe whatever it wrote.
-            let rules = Rules {
-                write: false,
-                idempotent: true,
-            };
+            // What calls nested in the closure did outside the transaction;
+            // the transaction's own statements take effect only with COMMIT.
+            let record = Record::nested();
+            let rules = CallRules::new(Shape::Transaction, &op, Some(&*record));
             let work = tokio::sync::Mutex::new(work);
             let result = self
                 .with_retries(&op, rules, |attempt| {
-                    let (work, op) = (&work, &op);
+                    let (work, op, record) = (&work, &op, &record);
                     async move {
                         let mut work = work.lock().await;
-                        self.transaction_attempt(op, route, options, attempt, &mut *work)
+                        self.transaction_attempt(op, route, options, attempt, record, &mut *work)
                             .await
                     }
                 })
@@ -89,12 +102,13 @@ impl Cluster {
         .await
     }
 
-    pub(super) async fn transaction_attempt<T, F>(
+    async fn transaction_attempt<T, F>(
         &self,
         op: &Op,
         route: Route,
         options: TransactionOptions,
         attempt: u32,
+        record: &Arc<Record>,
         work: &mut F,
     ) -> Attempt<T>
     where
@@ -106,43 +120,36 @@ impl Cluster {
             Ok(conn) => conn,
             Err(e) => return Err((e, Some(node))),
         };
+        let limit = self.inner.settings.round_trip;
         let result = async {
-            let tx = conn
-                .transaction_with(options)
-                .await
-                .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))?;
-            let mut tx = Transaction {
-                tx,
-                node: node.clone(),
-                op: op.clone(),
-                prepared: self.inner.settings.prepared,
+            let begin = async {
+                conn.transaction_with(options)
+                    .await
+                    .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))
             };
-            match work(&mut tx).await {
-                Ok(value) => {
-                    let commit = tx.tx.commit();
-                    let committed = match self.inner.settings.attempt_timeout {
-                        Some(limit) => tokio::time::timeout(limit, commit).await.ok(),
-                        None => Some(commit.await),
-                    };
-                    match committed {
-                        Some(Ok(())) => Ok(value),
-                        Some(Err(e)) if e.as_db_error().is_some() => {
-                            Err(Error::from_postgres(e, node.name_arc(), op.name(), true))
-                        }
-                        // Lost or cut off with COMMIT in flight: it may have
-                        // happened. (A dropped commit leaves the connection
-                        // flagged; the pool rolls back or closes it.)
-                        source => Err(Error::CommitOutcomeUnknown {
-                            node: Arc::clone(node.name_arc()),
-                            operation: op.name().to_owned(),
-                            source: source.and_then(Result::err),
-                        }),
-                    }
-                }
+            let tx = conn::bounded(limit, &node, op, begin).await?;
+            let mut tx = Transaction::new(
+                tx,
+                node.clone(),
+                op.clone(),
+                self.inner.settings.prepared,
+                limit,
+            );
+            match record::scope(Arc::clone(record), work(&mut tx)).await {
+                Ok(value) => self.commit(tx, value, &node, op, record).await,
                 Err(error) => {
-                    // Best effort: if it fails, the pool rolls back or closes
-                    // the connection before reuse.
-                    let _ = tx.tx.rollback().await;
+                    if !matches!(error, Error::Connection { .. } | Error::Timeout { .. }) {
+                        // Best effort, bounded: if it fails, the pool rolls
+                        // back or closes the connection before reuse.
+                        let rollback = async {
+                            tx.into_inner().rollback().await.map_err(|e| {
+                                Error::from_postgres(e, node.name_arc(), op.name(), true)
+                            })
+                        };
+                        let _ = conn::bounded(limit, &node, op, rollback).await;
+                    }
+                    // A broken or timed-out connection is not waited on: the
+                    // pool rolls it back off the caller's path, or closes it.
                     Err(error)
                 }
             }
@@ -152,14 +159,157 @@ impl Cluster {
         match result {
             Ok(value) => Ok((value, node)),
             Err(error) => {
-                // Statements inside a transaction are not autocommit writes:
-                // only COMMIT decides the outcome.
                 // (A read-only transaction's 25006 says nothing about the node.)
                 let error = self
-                    .after_failure(&node, op, Route::Read, error, !options.read_only)
+                    .after_failure(&node, op, error, !options.read_only)
                     .await;
                 Err((error, Some(node)))
             }
+        }
+    }
+
+    /// Commits `tx` unless a statement in it failed, checking in the same
+    /// round trip that the server did commit; resolves a `COMMIT` whose
+    /// connection broke.
+    async fn commit<T>(
+        &self,
+        tx: Transaction<'_>,
+        value: T,
+        node: &Node,
+        op: &Op,
+        record: &Record,
+    ) -> Result<T, Error> {
+        let limit = self.inner.settings.round_trip;
+        let (failed, unseen) = tx.health();
+        if let Some(failure) = failed {
+            let rollback = async {
+                tx.into_inner()
+                    .rollback()
+                    .await
+                    .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), true))
+            };
+            let _ = conn::bounded(limit, node, op, rollback).await;
+            tracing::warn!(
+                op = op.name(),
+                node = node.name(),
+                statement = %failure.statement,
+                "a transaction closure returned Ok after a failed statement; rolled back"
+            );
+            return Err(Error::TransactionAborted {
+                node: Arc::clone(node.name_arc()),
+                operation: op.name().to_owned(),
+                statement: format!("`{}`", failure.statement),
+                reason: failure.reason,
+                code: failure.code,
+            });
+        }
+        match tx.into_inner().commit_checked(limit).await {
+            Ok(CommitOutcome::Committed { .. }) => {
+                record.committed();
+                Ok(value)
+            }
+            Ok(_) => Err(Error::TransactionAborted {
+                node: Arc::clone(node.name_arc()),
+                operation: op.name().to_owned(),
+                statement: if unseen > 0 {
+                    "a statement whose result the closure did not wait for".to_owned()
+                } else {
+                    "a statement pgstack did not see".to_owned()
+                },
+                reason: "the server had aborted the transaction and answered COMMIT by \
+                         rolling it back"
+                    .to_owned(),
+                code: None,
+            }),
+            Err(failed) => match failed.error {
+                Some(error) if error.as_db_error().is_some() => {
+                    // Refused (a serialization failure at commit, a deferred
+                    // constraint): nothing was committed.
+                    Err(Error::from_postgres(
+                        error,
+                        node.name_arc(),
+                        op.name(),
+                        true,
+                    ))
+                }
+                error => {
+                    self.resolve_commit(node, op, failed.xid, error).await?;
+                    record.committed();
+                    Ok(value)
+                }
+            },
+        }
+    }
+
+    /// A `COMMIT` was in flight when its connection broke or its round trip
+    /// ran out: asks the node, on another connection and within the connect
+    /// timeout, whether the transaction committed. `Ok` when it did; a
+    /// retryable error when it was rolled back (nothing took effect);
+    /// [`Error::CommitOutcomeUnknown`] when nobody can tell.
+    async fn resolve_commit(
+        &self,
+        node: &Node,
+        op: &Op,
+        xid: TransactionId,
+        source: Option<tokio_postgres::Error>,
+    ) -> Result<(), Error> {
+        let unknown = |source| Error::CommitOutcomeUnknown {
+            node: Arc::clone(node.name_arc()),
+            operation: op.name().to_owned(),
+            source,
+        };
+        let xid = match xid {
+            TransactionId::Assigned(xid) => xid,
+            // It wrote nothing: there was nothing to commit, and what it
+            // read stands.
+            TransactionId::Unassigned => return Ok(()),
+            _ => return Err(unknown(source)),
+        };
+        let limit = self.inner.settings.check_timeout;
+        let ask = async {
+            loop {
+                let conn = node.pool().get("pgstack-commit-status").await.ok()?;
+                let rows = conn
+                    .simple_query(&format!("SELECT txid_status({xid})"))
+                    .await
+                    .ok()?;
+                match first_text(&rows) {
+                    // The session that ran it is still there (it has not
+                    // noticed the break yet): ask again.
+                    Some("in progress") => {
+                        drop(conn);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    answer => return answer.map(str::to_owned),
+                }
+            }
+        };
+        let answer = tokio::time::timeout(limit, ask).await.ok().flatten();
+        match answer.as_deref() {
+            Some("committed") => {
+                tracing::info!(
+                    op = op.name(),
+                    node = node.name(),
+                    xid,
+                    "a COMMIT whose connection broke did commit"
+                );
+                Ok(())
+            }
+            Some("aborted") => match source {
+                // Rolled back: nothing took effect, so repeating it is safe.
+                Some(source) => Err(Error::Connection {
+                    node: Arc::clone(node.name_arc()),
+                    operation: op.name().to_owned(),
+                    sent: true,
+                    source,
+                }),
+                None => Err(Error::Timeout {
+                    node: Arc::clone(node.name_arc()),
+                    operation: op.name().to_owned(),
+                    after: self.inner.settings.round_trip.unwrap_or(limit),
+                }),
+            },
+            _ => Err(unknown(source)),
         }
     }
 }

@@ -1,0 +1,190 @@
+//! What the cluster knows about a statement text: its class (from
+//! [`pgstack_pool::classify`]) and how long it usually takes here, which
+//! decides whether it may be pipelined on a shared connection.
+//!
+//! A text that usually takes longer than the lanes' busy threshold runs on a
+//! connection of its own: a long statement on a shared connection would
+//! hold up every statement pipelined behind it. A text seen for the first
+//! time may only have an idle shared connection to itself (see
+//! [`crate::lanes`]). The usual duration falls at once to a faster run and rises
+//! slowly with slower ones, so queueing under load does not push a short
+//! statement off the lanes, while a statement that is always slow stays off
+//! them.
+//!
+//! The registry is process-wide and bounded: past its capacity, new texts
+//! are classified on every call and never shared (a program with unbounded
+//! distinct texts builds SQL from values).
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use pgstack_pool::{StatementClass, classify};
+
+/// Not run yet.
+const NEVER: u32 = u32::MAX;
+const SHARDS: usize = 16;
+const SHARD_CAPACITY: usize = 1024;
+/// Texts longer than this are not remembered.
+const REMEMBERED_LEN: usize = 16 * 1024;
+
+/// How long a statement text usually takes, in microseconds.
+pub(crate) struct Timing {
+    usual_micros: AtomicU32,
+}
+
+impl Timing {
+    /// Records one run.
+    pub(crate) fn record(&self, took: Duration) {
+        let sample = u32::try_from(took.as_micros()).unwrap_or(NEVER - 1);
+        let _ = self
+            .usual_micros
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |usual| {
+                Some(if usual == NEVER || sample <= usual {
+                    sample
+                } else {
+                    // A sixteenth of the way up.
+                    usual + (sample - usual) / 16
+                })
+            });
+    }
+
+    /// Whether the statement has run and usually takes at most `limit`.
+    pub(crate) fn is_short(&self, limit: Duration) -> bool {
+        let usual = self.usual_micros.load(Ordering::Acquire);
+        usual != NEVER && u128::from(usual) <= limit.as_micros()
+    }
+
+    /// Whether the statement has run and usually takes longer than `limit`.
+    pub(crate) fn is_long(&self, limit: Duration) -> bool {
+        let usual = self.usual_micros.load(Ordering::Acquire);
+        usual != NEVER && u128::from(usual) > limit.as_micros()
+    }
+}
+
+/// A statement text's class and timing.
+#[derive(Clone, Copy)]
+pub(crate) struct Profile {
+    pub(crate) class: StatementClass,
+    /// `None` for a text the registry does not remember.
+    pub(crate) timing: Option<&'static Timing>,
+}
+
+impl Profile {
+    /// Whether the statement may use a shared connection at all: one plain
+    /// read or write without session effects, whose text the registry
+    /// remembers, and not known to be long.
+    pub(crate) fn may_share(&self, limit: Duration) -> bool {
+        self.class.is_shareable() && self.timing.is_some_and(|t| !t.is_long(limit))
+    }
+
+    /// Whether it has run here and usually takes at most `limit`: it may be
+    /// pipelined behind other statements.
+    pub(crate) fn is_short(&self, limit: Duration) -> bool {
+        self.timing.is_some_and(|t| t.is_short(limit))
+    }
+}
+
+struct Entry {
+    class: StatementClass,
+    timing: Timing,
+}
+
+struct Registry {
+    hasher: RandomState,
+    shards: Vec<RwLock<HashMap<Box<str>, &'static Entry>>>,
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| Registry {
+        hasher: RandomState::new(),
+        shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+    })
+}
+
+/// The profile of `sql`.
+pub(crate) fn profile(sql: &str) -> Profile {
+    if sql.len() > REMEMBERED_LEN {
+        return Profile {
+            class: classify(sql),
+            timing: None,
+        };
+    }
+    let registry = registry();
+    let shard = &registry.shards[(registry.hasher.hash_one(sql) as usize) % SHARDS];
+    if let Some(entry) = shard
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(sql)
+        .copied()
+    {
+        return Profile {
+            class: entry.class,
+            timing: Some(&entry.timing),
+        };
+    }
+    let class = classify(sql);
+    let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(entry) = map.get(sql) {
+        return Profile {
+            class: entry.class,
+            timing: Some(&entry.timing),
+        };
+    }
+    if map.len() >= SHARD_CAPACITY {
+        return Profile {
+            class,
+            timing: None,
+        };
+    }
+    // Entries live as long as the process; the registry is bounded.
+    let entry: &'static Entry = Box::leak(Box::new(Entry {
+        class,
+        timing: Timing {
+            usual_micros: AtomicU32::new(NEVER),
+        },
+    }));
+    map.insert(sql.into(), entry);
+    Profile {
+        class,
+        timing: Some(&entry.timing),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_shares_once_it_is_known_to_be_short() {
+        let limit = Duration::from_millis(5);
+        let text = "SELECT 'statements-test-short'";
+        assert!(profile(text).may_share(limit), "an idle lane, at most");
+        assert!(
+            !profile(text).is_short(limit),
+            "never run: not behind others"
+        );
+        let timing = profile(text).timing.expect("remembered");
+        timing.record(Duration::from_micros(300));
+        assert!(profile(text).may_share(limit) && profile(text).is_short(limit));
+        // One slow run (queueing under load) does not push it off.
+        timing.record(Duration::from_millis(40));
+        assert!(profile(text).may_share(limit));
+
+        let slow = "SELECT pg_sleep(1.5) -- statements-test";
+        let timing = profile(slow).timing.expect("remembered");
+        timing.record(Duration::from_millis(1500));
+        assert!(!profile(slow).may_share(limit));
+        // Session statements never share, however fast.
+        let set = "SET search_path = x -- statements-test";
+        profile(set)
+            .timing
+            .expect("remembered")
+            .record(Duration::from_micros(10));
+        assert!(!profile(set).may_share(limit));
+    }
+}
