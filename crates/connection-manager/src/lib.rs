@@ -63,7 +63,8 @@
 //! - **Routing** ([`Route`]): reads round-robin over replicas that are not
 //!   ejected, not failing, not seen as primary, with a closed breaker and a
 //!   lag within `health.max_replica_lag`; else the primary. Roles come from
-//!   `pg_is_in_recovery()` when connections are made. A `25006` from the
+//!   [`observe`] (`pg_is_in_recovery()` and `transaction_read_only`: a
+//!   read-only server is a replica) when connections are made. A `25006` from the
 //!   primary, or a primary seen in recovery, triggers
 //!   [`Cluster::rediscover`].
 //! - **Pipelining**: statements outside transactions share a few
@@ -80,7 +81,9 @@
 //!   use the unnamed statement in one round trip, parameter types taken from
 //!   the Rust values.
 //! - **For the health monitor**: [`Node`] handles with the pool, the
-//!   breaker, roles, and cheap setters for ejection, lag and replay position.
+//!   breaker, roles, and cheap setters for ejection, lag and replay position;
+//!   [`observe`], [`observe_replica`] and [`Node::record_observation`], the
+//!   one reading of a node's role and replication state.
 //!
 //! See `docs/connection.md` for the rules in full.
 
@@ -89,6 +92,7 @@ mod conn;
 mod error;
 mod lanes;
 mod node;
+mod observe;
 mod params;
 mod record;
 mod route;
@@ -100,6 +104,10 @@ pub use crate::cluster::{CloseReport, Cluster, ClusterBuilder};
 pub use crate::conn::{Connection, Transaction};
 pub use crate::error::{DbError, Error, TRANSIENT_SQLSTATES, is_transient_sqlstate};
 pub use crate::node::{Node, Role};
+pub use crate::observe::{
+    LOOK_AGAIN_AFTER, OBSERVE_QUERY, Observation, ObserveError, ReplicaLag, observe,
+    observe_replica, replica_lag,
+};
 pub use crate::route::{InvalidWalPosition, Op, Route, WalPosition};
 pub use crate::stats::{
     ClusterMetrics, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,

@@ -138,7 +138,7 @@ impl Node {
         self.inner.configured
     }
 
-    /// The role last seen with `pg_is_in_recovery()` (when connections are
+    /// The role last seen with [`observe`](crate::observe) (when connections are
     /// made, on re-discovery, or as set by a monitor); `None` before the first
     /// look.
     pub fn observed_role(&self) -> Option<Role> {

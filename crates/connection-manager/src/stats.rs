@@ -161,7 +161,7 @@ pub struct NodeMetrics {
     pub name: String,
     /// The role in the configuration.
     pub configured_role: crate::Role,
-    /// The role last observed with `pg_is_in_recovery()`.
+    /// The role last observed (in recovery or read-only: replica).
     pub observed_role: Option<crate::Role>,
     /// Whether writes go to this node now.
     pub is_primary: bool,

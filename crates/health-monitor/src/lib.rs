@@ -5,8 +5,9 @@
 //!   connection of its own (the node's connect settings and TLS, outside its
 //!   pool, so an exhausted pool cannot starve the probes and an open breaker
 //!   cannot hide a node that answers again): the round trip of `SELECT 1`
-//!   within `health.probe_timeout`, the role (`pg_is_in_recovery()`),
-//!   replica lag in time and bytes, server connections against
+//!   within `health.probe_timeout`, the role and replica lag in time and
+//!   bytes as the cluster reads them ([`pgstack_connection::observe_replica`]:
+//!   in recovery or read-only is a replica), server connections against
 //!   `max_connections`, plus the node's pool figures and breaker state.
 //! - **Reports** ([`HealthReport`]): healthy / degraded / unhealthy with the
 //!   reasons, per-node detail, latency percentiles over a bounded history;

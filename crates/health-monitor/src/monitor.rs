@@ -499,10 +499,8 @@ impl Runner {
         let mut primary_lsn = None;
         if let Some(probe) = self.probes.get(primary) {
             let outcome = timed_probe(probe.pool.clone(), timeout, None).await;
-            if let Ok(p) = &outcome
-                && !p.in_recovery
-            {
-                primary_lsn = p.wal_position;
+            if let Ok(p) = &outcome {
+                primary_lsn = p.seen.wal_position;
             }
             outcomes[primary] = Some(outcome);
         }
@@ -632,17 +630,11 @@ impl Runner {
                 state.down_since = None;
                 state.failures = 0;
                 state.successes = state.successes.saturating_add(1);
-                node.set_observed_role(Some(probed.role));
-                if probed.in_recovery {
-                    node.set_replay_position(probed.wal_position);
-                    node.set_replica_lag(probed.lag);
-                    node.set_replica_lag_bytes(probed.lag_bytes);
-                    if let Some(lag) = probed.lag {
-                        state.lag_gauge.set(lag.as_secs_f64());
-                    }
-                } else {
-                    node.set_replica_lag(None);
-                    node.set_replica_lag_bytes(None);
+                node.record_observation(&probed.seen, probed.lag);
+                if probed.seen.in_recovery
+                    && let Some(lag) = probed.lag.time
+                {
+                    state.lag_gauge.set(lag.as_secs_f64());
                 }
                 // The node answers: an open breaker need not wait out its
                 // open duration.
@@ -669,7 +661,7 @@ impl Runner {
             }
         };
         let probed = outcome.ok();
-        let lag = probed.as_ref().and_then(|p| p.lag);
+        let lag = probed.as_ref().and_then(|p| p.lag.time);
         let lagging = !is_primary && lag.is_some_and(|l| l > settings.max_replica_lag);
         if lagging {
             state.lagging_since.get_or_insert(now);
@@ -764,8 +756,8 @@ impl Runner {
             lagging_for: state
                 .lagging_since
                 .map(|t| now.saturating_duration_since(t)),
-            replica_lag_bytes: probed.as_ref().and_then(|p| p.lag_bytes),
-            wal_position: probed.as_ref().and_then(|p| p.wal_position),
+            replica_lag_bytes: probed.as_ref().and_then(|p| p.lag.bytes),
+            wal_position: probed.as_ref().and_then(Probed::wal_position),
             server_connections: probed.as_ref().and_then(|p| p.server_connections),
             max_connections: probed.as_ref().and_then(|p| p.max_connections),
             reserved_connections: probed.as_ref().and_then(|p| p.reserved_connections),

@@ -4,41 +4,42 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use pgstack_config::{CheckoutValidation, DatabaseConfig, NodeSettings};
-use pgstack_connection::tokio_postgres::{self, SimpleQueryMessage, SimpleQueryRow};
-use pgstack_connection::{Role, WalPosition};
+use pgstack_connection::tokio_postgres::{self, SimpleQueryMessage};
+use pgstack_connection::{Observation, ObserveError, ReplicaLag, WalPosition, observe_replica};
 use pgstack_pool::{Pool, PoolBuilder, PoolError, PooledConnection};
 use tokio::time::Instant;
 
 /// Operation name of the probes (pool errors, leak reports).
 pub(crate) const PROBE_OP: &str = "pgstack-health-probe";
 
-/// Everything but the latency, in one round trip. `pg_current_wal_lsn()`
-/// fails during recovery, hence the `CASE`.
-const DETAILS_QUERY: &str = "SELECT pg_is_in_recovery(), \
-     current_setting('transaction_read_only'), \
-     current_setting('max_connections'), \
+/// The connection figures, in one round trip (role and replication come
+/// from [`observe_replica`]).
+const CAPACITY_QUERY: &str = "SELECT current_setting('max_connections'), \
      current_setting('superuser_reserved_connections'), \
-     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
-     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
-     pg_last_wal_replay_lsn()::text, \
-     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8";
-
-const REPLAY_QUERY: &str = "SELECT pg_last_wal_replay_lsn()::text, \
-     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8";
+     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')";
 
 /// What one successful probe saw.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Probed {
     pub(crate) latency: Duration,
-    pub(crate) role: Role,
-    pub(crate) in_recovery: bool,
+    /// Role and WAL positions, read the one way the cluster reads them.
+    pub(crate) seen: Observation,
+    /// The lag behind the primary's position given to [`probe`].
+    pub(crate) lag: ReplicaLag,
     pub(crate) max_connections: Option<u32>,
     pub(crate) reserved_connections: Option<u32>,
     pub(crate) server_connections: Option<u32>,
+}
+
+impl Probed {
     /// The primary's current WAL position, or the replica's replayed one.
-    pub(crate) wal_position: Option<WalPosition>,
-    pub(crate) lag: Option<Duration>,
-    pub(crate) lag_bytes: Option<u64>,
+    pub(crate) fn wal_position(&self) -> Option<WalPosition> {
+        if self.seen.in_recovery {
+            self.seen.replay_position
+        } else {
+            self.seen.wal_position
+        }
+    }
 }
 
 /// A pool of one connection for a node's probes: the node's connect
@@ -86,13 +87,6 @@ fn describe(error: &tokio_postgres::Error) -> String {
     text
 }
 
-fn first_row(messages: &[SimpleQueryMessage]) -> Option<&SimpleQueryRow> {
-    messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => Some(row),
-        _ => None,
-    })
-}
-
 /// How often a checkout in progress looks for a failed connect attempt.
 const CONNECT_WATCH: Duration = Duration::from_millis(20);
 
@@ -131,110 +125,29 @@ pub(crate) async fn probe(pool: &Pool, primary: Option<WalPosition>) -> Result<P
         .map_err(|e| describe(&e))?;
     let latency = started.elapsed();
     let messages = conn
-        .simple_query(DETAILS_QUERY)
+        .simple_query(CAPACITY_QUERY)
         .await
         .map_err(|e| describe(&e))?;
-    let row = first_row(&messages).ok_or("the probe query returned no row")?;
-    let text = |i: usize| row.get(i);
-    let number = |i: usize| text(i).and_then(|t| t.parse::<u32>().ok());
-    let in_recovery = text(0) == Some("t");
-    let read_only = text(1) == Some("on");
-    let mut probed = Probed {
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .ok_or("the probe query returned no row")?;
+    let number = |i: usize| row.get(i).and_then(|t| t.parse::<u32>().ok());
+    let (max_connections, reserved_connections, server_connections) =
+        (number(0), number(1), number(2));
+    let seen = observe_replica(&conn, primary).await.map_err(|e| match e {
+        ObserveError::Query(e) => describe(&e),
+        other => other.to_string(),
+    })?;
+    Ok(Probed {
         latency,
-        role: if in_recovery || read_only {
-            Role::Replica
-        } else {
-            Role::Primary
-        },
-        in_recovery,
-        max_connections: number(2),
-        reserved_connections: number(3),
-        server_connections: number(4),
-        wal_position: None,
-        lag: None,
-        lag_bytes: None,
-    };
-    if !in_recovery {
-        probed.wal_position = text(5).and_then(|t| t.parse().ok());
-        return Ok(probed);
-    }
-    let mut replay: Option<WalPosition> = text(6).and_then(|t| t.parse().ok());
-    let mut age: Option<f64> = text(7).and_then(|t| t.parse().ok());
-    let behind =
-        |replay: Option<WalPosition>| matches!((primary, replay), (Some(p), Some(r)) if r < p);
-    if behind(replay) {
-        // A record written just before the primary was asked is replayed
-        // within milliseconds: look again before judging the lag.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let messages = conn
-            .simple_query(REPLAY_QUERY)
-            .await
-            .map_err(|e| describe(&e))?;
-        if let Some(row) = first_row(&messages) {
-            replay = row.get(0).and_then(|t| t.parse().ok());
-            age = row.get(1).and_then(|t| t.parse().ok());
-        }
-    }
-    probed.wal_position = replay;
-    let (lag, lag_bytes) = replica_lag(primary, replay, age);
-    probed.lag = lag;
-    probed.lag_bytes = lag_bytes;
-    Ok(probed)
-}
-
-/// A replica's lag: bytes behind the primary's position, and time: zero
-/// when caught up, else the age of the last replayed transaction.
-pub(crate) fn replica_lag(
-    primary: Option<WalPosition>,
-    replay: Option<WalPosition>,
-    age: Option<f64>,
-) -> (Option<Duration>, Option<u64>) {
-    let bytes = match (primary, replay) {
-        (Some(p), Some(r)) => Some(p.as_u64().saturating_sub(r.as_u64())),
-        _ => None,
-    };
-    let lag = match (bytes, age) {
-        (Some(0), _) => Some(Duration::ZERO),
-        (Some(_), Some(age)) if age.is_finite() => Some(Duration::from_secs_f64(age.max(0.0))),
-        // Behind, and no transaction replayed yet: as far behind as it gets.
-        (Some(_), None) => Some(Duration::from_secs(u64::from(u32::MAX))),
-        _ => None,
-    };
-    (lag, bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(n: u64) -> Option<WalPosition> {
-        Some(WalPosition::from_u64(n))
-    }
-
-    #[test]
-    fn caught_up_means_no_lag() {
-        assert_eq!(
-            replica_lag(at(100), at(100), Some(3600.0)),
-            (Some(Duration::ZERO), Some(0))
-        );
-        assert_eq!(
-            replica_lag(at(100), at(120), Some(3600.0)),
-            (Some(Duration::ZERO), Some(0))
-        );
-    }
-
-    #[test]
-    fn behind_means_the_age_of_the_last_replayed_transaction() {
-        assert_eq!(
-            replica_lag(at(100), at(40), Some(2.5)),
-            (Some(Duration::from_millis(2500)), Some(60))
-        );
-        assert_eq!(replica_lag(at(100), at(40), None).1, Some(60));
-        assert!(replica_lag(at(100), at(40), None).0 > Some(Duration::from_secs(3600)));
-    }
-
-    #[test]
-    fn unknown_primary_position_means_unknown_lag() {
-        assert_eq!(replica_lag(None, at(40), Some(1.0)), (None, None));
-    }
+        seen,
+        lag: seen.lag(primary),
+        max_connections,
+        reserved_connections,
+        server_connections,
+    })
 }

@@ -138,7 +138,8 @@ pub struct NodeHealth {
     pub name: String,
     /// The role the configuration gave it.
     pub configured_role: Role,
-    /// The role the last successful probe saw (`pg_is_in_recovery()`).
+    /// The role the last successful probe saw (in recovery or read-only:
+    /// replica).
     pub observed_role: Option<Role>,
     /// Whether writes go to this node now.
     pub is_primary: bool,

@@ -43,8 +43,8 @@
 //! step broke (closing whatever it opened):
 //!
 //! 1. **validate** the configuration (every problem listed);
-//! 2. **connect**: build the cluster and find the primary with
-//!    `pg_is_in_recovery()`; an unreachable database fails at once
+//! 2. **connect**: build the cluster and find the writable primary
+//!    ([`pgstack_connection::observe`]); an unreachable database fails at once
 //!    ([`StartError::Unreachable`]) unless [`StartOptions::wait_for_database`]
 //!    is set, in which case it retries with backoff, logging each attempt
 //!    ([`StartEvent::WaitingForDatabase`]), until the wait is over

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use pgstack_config::{DatabaseConfig, NodeSettings};
-use pgstack_connection::{Cluster, Node, Role};
-use pgstack_resilience::Backoff;
+use pgstack_connection::{Cluster, Node, Role, observe};
+use pgstack_resilience::{Backoff, BreakerState};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -812,9 +812,7 @@ impl Orchestrator {
                         Some("the probe did not finish".to_owned()),
                     ),
                     Some(Ok(role)) => {
-                        if let Some(role) = role {
-                            node.set_observed_role(Some(role));
-                        }
+                        node.set_observed_role(Some(role));
                         basic_health(cluster, node, max_lag)
                     }
                 };
@@ -839,25 +837,17 @@ impl Orchestrator {
 }
 
 /// One round trip on a connection of the node's pool, within `timeout`:
-/// the role, or why it failed.
-async fn probe(node: &Node, timeout: Duration) -> Result<Option<Role>, String> {
+/// the role as the cluster reads it ([`observe`]: in recovery or read-only
+/// is a replica), or why it failed.
+async fn probe(node: &Node, timeout: Duration) -> Result<Role, String> {
     let check = async {
         let conn = node
             .pool()
             .get("pgstack-status")
             .await
             .map_err(|e| e.to_string())?;
-        let rows = conn
-            .simple_query("SELECT pg_is_in_recovery()")
-            .await
-            .map_err(|e| e.to_string())?;
-        let in_recovery = rows.iter().find_map(|m| match m {
-            pgstack_connection::tokio_postgres::SimpleQueryMessage::Row(row) => {
-                row.get(0).map(|v| v == "t")
-            }
-            _ => None,
-        });
-        Ok(in_recovery.map(|r| if r { Role::Replica } else { Role::Primary }))
+        let seen = observe(&conn).await.map_err(|e| e.to_string())?;
+        Ok(seen.role())
     };
     match tokio::time::timeout(timeout, check).await {
         Ok(result) => result,
@@ -865,17 +855,20 @@ async fn probe(node: &Node, timeout: Duration) -> Result<Option<Role>, String> {
     }
 }
 
+/// Why a node whose breaker is in `state` is unhealthy, if it is: the
+/// breaker rejects calls (open or forced open).
+fn breaker_problem(state: BreakerState) -> Option<String> {
+    (!state.allows_calls()).then(|| format!("circuit breaker {state}"))
+}
+
 /// Health from what the cluster knows without a round trip.
 fn basic_health(cluster: &Cluster, node: &Node, max_lag: Duration) -> (NodeHealth, Option<String>) {
     let is_primary = node.name() == cluster.primary().name();
-    if let Some(breaker) = node.circuit_breaker() {
-        let state = breaker.state().to_string();
-        if state == "open" || state == "forced-open" {
-            return (
-                NodeHealth::Unhealthy,
-                Some(format!("circuit breaker {state}")),
-            );
-        }
+    if let Some(problem) = node
+        .circuit_breaker()
+        .and_then(|breaker| breaker_problem(breaker.state()))
+    {
+        return (NodeHealth::Unhealthy, Some(problem));
     }
     if node.is_suspect() {
         return (
@@ -883,7 +876,14 @@ fn basic_health(cluster: &Cluster, node: &Node, max_lag: Duration) -> (NodeHealt
             Some("failed a call; probed in the background".to_owned()),
         );
     }
-    if !is_primary {
+    if is_primary {
+        if node.observed_role() == Some(Role::Replica) {
+            return (
+                NodeHealth::Degraded,
+                Some("receives writes but is in recovery or read-only".to_owned()),
+            );
+        }
+    } else {
         if node.is_ejected() {
             return (
                 NodeHealth::Degraded,
@@ -940,6 +940,25 @@ fn node_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_breaker_that_rejects_calls_makes_the_node_unhealthy() {
+        assert_eq!(
+            breaker_problem(BreakerState::Open).as_deref(),
+            Some("circuit breaker open")
+        );
+        assert_eq!(
+            breaker_problem(BreakerState::ForcedOpen).as_deref(),
+            Some("circuit breaker forced open")
+        );
+        for lets_calls_through in [
+            BreakerState::Closed,
+            BreakerState::HalfOpen,
+            BreakerState::ForcedClosed,
+        ] {
+            assert_eq!(breaker_problem(lets_calls_through), None);
+        }
+    }
 
     #[test]
     fn instance_names_fit_and_differ() {

@@ -90,7 +90,8 @@ pub struct NodeStatus {
     pub name: String,
     /// The role the configuration gave it.
     pub configured_role: Role,
-    /// The role last seen with `pg_is_in_recovery()`.
+    /// The role last seen (`pg_is_in_recovery()` and
+    /// `transaction_read_only`: in recovery or read-only is a replica).
     pub observed_role: Option<Role>,
     /// Whether writes go to it now.
     pub is_primary: bool,

@@ -1,13 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The orchestrator against real servers: start with migrations, waiting for
-//! the database, failing fast, status with a stopped replica, shutdown with
-//! queries in flight.
+//! the database, failing fast, status with a stopped replica and with a
+//! read-only primary, shutdown with queries in flight.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgstack_config::{DatabaseConfig, NodeSettings, Password};
-use pgstack_connection::{Error, Route};
+use pgstack_connection::{Error, Role, Route};
 use pgstack_orchestrator::{
     LifecycleState, NodeHealth, Orchestrator, StartError, StartEvent, StartOptions,
 };
@@ -381,6 +381,105 @@ async fn status_reflects_a_stopped_replica_through_the_health_monitor() {
 #[tokio::test]
 async fn status_reflects_a_stopped_replica_by_probing_without_a_monitor() {
     stopped_replica(false).await;
+}
+
+/// A primary made read-only (`default_transaction_read_only = on`): the
+/// cluster's discovery, the health monitor when it runs, and `status()` all
+/// read it as a replica, and `status()` leaves the cluster's reading alone.
+async fn read_only_primary(monitor: bool) {
+    init_tracing();
+    let server = TestCluster::start().await.unwrap();
+    let mut config = config(&server.url("postgres"));
+    config.health.probe_timeout = Duration::from_secs(1);
+    config.health.interval = Duration::from_secs(1);
+    config.features.health_monitoring = monitor;
+    let orchestrator = Orchestrator::start(config, StartOptions::new())
+        .await
+        .unwrap();
+    let cluster = orchestrator.cluster();
+    let status = orchestrator.status().await;
+    assert_eq!(status.state, LifecycleState::Ready, "{status:?}");
+    let node = status.node("primary").unwrap();
+    assert_eq!(node.observed_role, Some(Role::Primary), "{node:?}");
+    assert_eq!(node.health, NodeHealth::Healthy, "{node:?}");
+
+    let admin = server.client("postgres").await.unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+
+    // The cluster: re-discovery finds no writable node (a round shared with
+    // one the monitor started may end first; the next one is ours), and
+    // writes fail.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cluster.rediscover().await {
+            Err(Error::NoPrimary { .. }) => break,
+            other => assert!(Instant::now() < until, "still {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cluster.primary().observed_role(), Some(Role::Replica));
+    assert!(
+        cluster
+            .execute("write", Route::Write, "CREATE TABLE t (id int)", &[])
+            .await
+            .is_err()
+    );
+
+    // status(): the same reading, from the monitor's next round or its own
+    // probe.
+    let until = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = orchestrator.status().await;
+        let node = status.node("primary").unwrap();
+        if node.observed_role == Some(Role::Replica) && node.health != NodeHealth::Healthy {
+            break status;
+        }
+        assert!(monitor, "status() probes the node itself: {status:?}");
+        assert!(Instant::now() < until, "still {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let node = status.node("primary").unwrap();
+    assert_eq!(node.health, NodeHealth::Degraded, "{node:?}");
+    assert!(
+        node.problem
+            .as_deref()
+            .is_some_and(|p| p.contains("read-only")),
+        "{node:?}"
+    );
+    assert_eq!(status.state, LifecycleState::Degraded, "{status:?}");
+    // Asking did not turn it back into a primary for routing.
+    assert_eq!(cluster.primary().observed_role(), Some(Role::Replica));
+    #[cfg(feature = "health")]
+    if monitor {
+        let report = orchestrator.health_report().unwrap();
+        let seen = report.node("primary").unwrap();
+        assert_eq!(seen.observed_role, Some(Role::Replica), "{seen:?}");
+        assert!(
+            seen.reasons
+                .iter()
+                .any(|r| r.kind == pgstack_health::ReasonKind::RoleMismatch),
+            "{seen:?}"
+        );
+    }
+    orchestrator.shutdown(Duration::from_secs(1)).await;
+}
+
+#[cfg(feature = "health")]
+#[tokio::test]
+async fn a_read_only_primary_is_a_replica_in_routing_the_health_report_and_status() {
+    read_only_primary(true).await;
+}
+
+#[tokio::test]
+async fn a_read_only_primary_is_a_replica_in_routing_and_in_status_without_a_monitor() {
+    read_only_primary(false).await;
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ impl ClusterBuilder {
     }
 
     /// Builds the pools (without waiting for connections), finds the
-    /// primary with `pg_is_in_recovery()` among the configured nodes, and
+    /// writable primary ([`observe`]) among the configured nodes, and
     /// starts the background work.
     ///
     /// # Errors

@@ -2,10 +2,6 @@
 
 use super::*;
 
-/// The query that tells a writable primary from a standby or read-only server.
-pub(super) const ROLE_QUERY: &str =
-    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')";
-
 impl Cluster {
     /// Records a role seen on `node`; a primary seen in recovery triggers
     /// re-discovery in the background.
@@ -44,7 +40,7 @@ impl Cluster {
         tokio::spawn(probe_until_back(weak, node));
     }
 
-    /// Checks every node's role (`pg_is_in_recovery()` and
+    /// Checks every node's role ([`observe`]: `pg_is_in_recovery()` and
     /// `transaction_read_only`) and moves writes to the writable one if the
     /// primary changed. Called on a `25006` from the primary, when the
     /// primary is seen in recovery, and while it stays down; a health monitor
@@ -139,20 +135,18 @@ impl Cluster {
     }
 }
 
-/// The role of the server behind `conn`.
-pub(super) async fn role_of(conn: &PooledConnection) -> Result<Role, tokio_postgres::Error> {
-    let messages = conn.simple_query(ROLE_QUERY).await?;
-    let row = messages.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(row) => Some(row),
-        _ => None,
-    });
-    let in_recovery = row.and_then(|r| r.get(0)) == Some("t");
-    let read_only = row.and_then(|r| r.get(1)) == Some("on");
-    Ok(if in_recovery || read_only {
-        Role::Replica
-    } else {
-        Role::Primary
-    })
+/// The role of the server behind `conn` ([`observe`]), as a call's error.
+pub(super) async fn role_of(conn: &PooledConnection, node: &Node, op: &str) -> Result<Role, Error> {
+    match observe(conn).await {
+        Ok(seen) => Ok(seen.role()),
+        Err(ObserveError::Query(e)) => Err(Error::from_postgres(e, node.name_arc(), op, false)),
+        Err(ObserveError::NoRow) => Err(Error::UnexpectedRows {
+            node: Arc::clone(node.name_arc()),
+            operation: op.to_owned(),
+            expected: "one",
+            got: 0,
+        }),
+    }
 }
 
 /// Checks `node`'s role with a connection from its pool, within `timeout`.
@@ -171,7 +165,10 @@ pub(super) async fn check_role(node: &Node, timeout: Duration) -> Result<Role, S
             .get(ROLE_CHECK_OP)
             .await
             .map_err(|e| e.to_string())?;
-        role_of(&conn).await.map_err(|e| e.to_string())
+        observe(&conn)
+            .await
+            .map(|seen| seen.role())
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(timeout, check).await {
         Ok(result) => result,

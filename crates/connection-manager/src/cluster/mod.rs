@@ -27,6 +27,7 @@ use crate::conn::{self, Connection, Got, Transaction, Want, run_statement};
 use crate::error::Error;
 use crate::lanes::{Lane, Lanes, Pick};
 use crate::node::{Node, Role};
+use crate::observe::{Observation, ObserveError, observe, observe_replica};
 use crate::record::{self, Effect, Enclosing, Record};
 use crate::route::{Op, Route, WalPosition};
 use crate::sqlcheck;

@@ -472,9 +472,7 @@ impl Cluster {
                 .get("pgstack-shared-connection")
                 .await
                 .map_err(|e| Error::from_pool(e, node.name_arc(), op.name()))?;
-            let role = role_of(&conn)
-                .await
-                .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))?;
+            let role = role_of(&conn, node, op.name()).await?;
             Ok::<_, Error>((conn, role))
         };
         // Bounded by the connect timeout: a node that is down must not hold
