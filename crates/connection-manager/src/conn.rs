@@ -16,7 +16,7 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 
 use crate::error::Error;
 use crate::node::Node;
-use crate::record::Record;
+use crate::record::{Record, Sent};
 use crate::route::Op;
 
 /// What a statement should hand back.
@@ -131,28 +131,28 @@ pub(crate) fn opt(rows: Vec<Row>, node: &Node, op: &str) -> Result<Option<Row>, 
     Ok(rows.into_iter().next())
 }
 
-/// Bounds one round trip by `limit` (`query.statement_timeout` plus a
-/// margin): past it the call fails with [`Error::Timeout`], and the
-/// statement, which may still be running, leaves its connection flagged (the
-/// pool rolls it back or closes it).
-pub(crate) async fn bounded<T>(
-    limit: Option<Duration>,
-    node: &Node,
-    op: &Op,
-    work: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match limit {
-        None => work.await,
-        Some(limit) => match tokio::time::timeout(limit, work).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                node: Arc::clone(node.name_arc()),
-                operation: op.name().to_owned(),
-                after: limit,
-            }),
-        },
-    }
+/// Awaits one round trip bounded by `$limit` (an `Option<Duration>`,
+/// `query.statement_timeout` plus a margin): past it, [`Error::Timeout`] for
+/// `$node` and `$op`, and the statement, which may still be running, leaves
+/// its connection flagged (the pool rolls it back or closes it). A macro, so the request is
+/// built in place: a future passed through an `async fn`'s parameter is
+/// stored twice in the caller's state.
+macro_rules! bounded {
+    ($limit:expr, $node:expr, $op:expr, $work:expr) => {
+        match $limit {
+            None => $work.await,
+            Some(limit) => match tokio::time::timeout(limit, $work).await {
+                Ok(result) => result,
+                Err(_) => Err($crate::error::Error::Timeout {
+                    node: std::sync::Arc::clone($node.name_arc()),
+                    operation: $op.name().to_owned(),
+                    after: limit,
+                }),
+            },
+        }
+    };
 }
+pub(crate) use bounded;
 
 /// The text of a statement in messages: its first 200 characters.
 pub(crate) fn excerpt(sql: &str) -> String {
@@ -181,16 +181,24 @@ macro_rules! query_methods {
             sql: &str,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<Vec<Row>, Error> {
-            let run = run_statement!(
-                &self.$target,
-                self.prepared,
-                sql,
-                params,
-                Want::Rows,
-                self.node.name_arc(),
-                self.op.name()
+            let class = classify(sql);
+            let token = self.begin(sql, class)?;
+            let result = bounded!(
+                self.limit,
+                &self.node,
+                &self.op,
+                run_statement!(
+                    &self.$target,
+                    self.prepared,
+                    sql,
+                    params,
+                    Want::Rows,
+                    self.node.name_arc(),
+                    self.op.name()
+                )
             );
-            Ok(rows(self.tracked(sql, classify(sql), run).await?))
+            self.end(token, sql, class, &result);
+            Ok(rows(result?))
         }
 
         /// Runs a statement that returns exactly one row.
@@ -229,16 +237,24 @@ macro_rules! query_methods {
             sql: &str,
             params: &[&(dyn ToSql + Sync)],
         ) -> Result<u64, Error> {
-            let run = run_statement!(
-                &self.$target,
-                self.prepared,
-                sql,
-                params,
-                Want::Count,
-                self.node.name_arc(),
-                self.op.name()
+            let class = classify(sql);
+            let token = self.begin(sql, class)?;
+            let result = bounded!(
+                self.limit,
+                &self.node,
+                &self.op,
+                run_statement!(
+                    &self.$target,
+                    self.prepared,
+                    sql,
+                    params,
+                    Want::Count,
+                    self.node.name_arc(),
+                    self.op.name()
+                )
             );
-            Ok(count(self.tracked(sql, classify(sql), run).await?))
+            self.end(token, sql, class, &result);
+            Ok(count(result?))
         }
 
         /// Runs one or more statements with the simple protocol (no
@@ -247,12 +263,15 @@ macro_rules! query_methods {
         /// # Errors
         /// As [`Self::query`].
         pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
-            let run = async {
+            let class = classify(sql);
+            let token = self.begin(sql, class)?;
+            let result = bounded!(self.limit, &self.node, &self.op, async {
                 self.$target.batch_execute(sql).await.map_err(|e| {
                     Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
                 })
-            };
-            self.tracked(sql, classify(sql), run).await
+            });
+            self.end(token, sql, class, &result);
+            result
         }
 
         /// Runs one or more statements with the simple protocol (no
@@ -261,12 +280,15 @@ macro_rules! query_methods {
         /// # Errors
         /// As [`Self::query`].
         pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-            let run = async {
+            let class = classify(sql);
+            let token = self.begin(sql, class)?;
+            let result = bounded!(self.limit, &self.node, &self.op, async {
                 self.$target.simple_query(sql).await.map_err(|e| {
                     Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
                 })
-            };
-            self.tracked(sql, classify(sql), run).await
+            });
+            self.end(token, sql, class, &result);
+            result
         }
 
         /// The node this runs on.
@@ -313,23 +335,18 @@ impl fmt::Debug for Connection {
 impl Connection {
     query_methods!(conn);
 
-    /// Runs one statement: counted in the record before it is sent, taken
-    /// back if its error proves it never took effect; bounded by the round
-    /// trip limit.
-    async fn tracked<T>(
-        &self,
-        _sql: &str,
-        class: StatementClass,
-        run: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let sent = self.record.sending(self.writes || !class.is_read());
-        let result = bounded(self.limit, &self.node, &self.op, run).await;
-        if let Err(error) = &result
+    /// Before one statement: counted in the record before it is sent...
+    fn begin(&self, _sql: &str, class: StatementClass) -> Result<Sent, Error> {
+        Ok(self.record.sending(self.writes || !class.is_read()))
+    }
+
+    /// ... and taken back if its error proves it never took effect.
+    fn end<T>(&self, sent: Sent, _sql: &str, _class: StatementClass, result: &Result<T, Error>) {
+        if let Err(error) = result
             && error.provably_not_sent()
         {
             self.record.not_sent(sent);
         }
-        result
     }
 
     /// The pooled connection itself. What is sent through it from now on
@@ -427,12 +444,11 @@ impl<'a> Transaction<'a> {
 
     query_methods!(tx);
 
-    async fn tracked<T>(
-        &self,
-        sql: &str,
-        class: StatementClass,
-        run: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
+    /// Before one statement: transaction control is refused; the statement
+    /// counts as unseen until its outcome is recorded by
+    /// [`Transaction::end`] (a future dropped in between leaves a statement
+    /// whose outcome nobody saw).
+    fn begin(&self, sql: &str, class: StatementClass) -> Result<(), Error> {
         if class.controls_transaction() {
             return Err(Error::Usage {
                 operation: self.op.name().to_owned(),
@@ -444,13 +460,16 @@ impl<'a> Transaction<'a> {
                 ),
             });
         }
-        // Counted until its outcome is recorded: a future dropped in between
-        // leaves a statement whose outcome nobody saw.
         lock(&self.health).unseen += 1;
-        let result = bounded(self.limit, &self.node, &self.op, run).await;
+        Ok(())
+    }
+
+    /// After one statement: the first failure dooms the transaction; a
+    /// successful `ROLLBACK TO SAVEPOINT` recovers it.
+    fn end<T>(&self, _token: (), sql: &str, class: StatementClass, result: &Result<T, Error>) {
         let mut health = lock(&self.health);
         health.unseen -= 1;
-        match &result {
+        match result {
             Ok(_) if class.rolls_back_to_savepoint() => health.failed = None,
             Ok(_) => {}
             Err(error) if dooms(error) => {
@@ -464,8 +483,6 @@ impl<'a> Transaction<'a> {
             }
             Err(_) => {}
         }
-        drop(health);
-        result
     }
 
     /// The pool's transaction, to commit or roll back.

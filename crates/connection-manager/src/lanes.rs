@@ -13,7 +13,7 @@
 //! busy until it is answered. When every lane is busy the statement takes a
 //! connection of its own.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,13 +26,24 @@ use crate::error::Error;
 pub(crate) struct Lane {
     pub(crate) conn: PooledConnection,
     retired: AtomicBool,
-    /// Statements sent and not yet answered.
-    in_flight: AtomicU32,
-    /// Of those, statements whose duration is not known yet.
-    unknown: AtomicU32,
+    /// Statements sent and not yet answered (low 32 bits), and of those,
+    /// the ones of unknown length (high 32 bits): one word, so that taking a
+    /// place on the lane and checking who is on it is one atomic step.
+    state: AtomicU64,
     /// When the lane last made progress (a reply arrived, or work arrived
-    /// while it was idle), in nanoseconds since the lanes' epoch.
+    /// while it was idle), in nanoseconds since `epoch`.
     progress: AtomicU64,
+    epoch: Instant,
+}
+
+const ONE_UNKNOWN: u64 = 1 << 32;
+
+fn in_flight(state: u64) -> u32 {
+    (state & 0xFFFF_FFFF) as u32
+}
+
+fn unknown(state: u64) -> u32 {
+    (state >> 32) as u32
 }
 
 impl Lane {
@@ -46,34 +57,77 @@ impl Lane {
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Release);
     }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a place for a statement sent at `now`: a known-short one
+    /// joins unless a statement of unknown length is on the lane; one of
+    /// unknown length only takes an idle lane.
+    fn reserve(self: &Arc<Self>, now: u64, known_short: bool) -> Option<Reserved> {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let next = if known_short {
+                if unknown(state) > 0 {
+                    return None;
+                }
+                state + 1
+            } else {
+                if state != 0 {
+                    return None;
+                }
+                1 + ONE_UNKNOWN
+            };
+            match self
+                .state
+                .compare_exchange_weak(state, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if in_flight(state) == 0 {
+                        self.progress.store(now, Ordering::Release);
+                    }
+                    return Some(Reserved {
+                        lane: Arc::clone(self),
+                        sent: now,
+                        unknown: !known_short,
+                    });
+                }
+                Err(actual) => state = actual,
+            }
+        }
+    }
 }
 
-/// One statement in flight on a lane; [`InFlight::done`] records the reply.
-pub(crate) struct InFlight<'a> {
-    lane: &'a Lane,
-    lanes: &'a Lanes,
+/// A statement's place on a lane, taken by [`Lanes::pick`]; given back when
+/// dropped. [`Reserved::done`] records the reply.
+pub(crate) struct Reserved {
+    pub(crate) lane: Arc<Lane>,
     sent: u64,
     unknown: bool,
 }
 
-impl InFlight<'_> {
+impl Reserved {
+    /// The statement is sent only now (after its preparation).
+    pub(crate) fn restart(&mut self, at: Instant) {
+        self.sent = self.lane.nanos(at);
+    }
+
     /// The reply arrived at `at`: the lane made progress. Returns how long
     /// the server spent on this statement: from the reply before it (or from
     /// when it was sent, if later) to its own, so time spent queued behind
     /// other callers' statements does not count.
     pub(crate) fn done(self, at: Instant) -> Duration {
-        let at = self.lanes.nanos(at);
+        let at = self.lane.nanos(at);
         let previous = self.lane.progress.swap(at, Ordering::AcqRel);
         Duration::from_nanos(at.saturating_sub(previous.max(self.sent)))
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Reserved {
     fn drop(&mut self) {
-        self.lane.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if self.unknown {
-            self.lane.unknown.fetch_sub(1, Ordering::AcqRel);
-        }
+        let place = if self.unknown { 1 + ONE_UNKNOWN } else { 1 };
+        self.lane.state.fetch_sub(place, Ordering::AcqRel);
     }
 }
 
@@ -86,8 +140,8 @@ struct Slot {
 
 /// Where a statement should go.
 pub(crate) enum Pick {
-    /// This lane.
-    Lane(Arc<Lane>),
+    /// This lane; the place on it is taken.
+    Lane(Reserved),
     /// Open a lane in this (empty) slot.
     Open(usize),
     /// Every lane is busy: take a connection of its own.
@@ -98,7 +152,6 @@ pub(crate) enum Pick {
 pub(crate) struct Lanes {
     slots: Box<[Slot]>,
     next: AtomicUsize,
-    epoch: Instant,
     busy_after: Duration,
 }
 
@@ -113,7 +166,6 @@ impl Lanes {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            epoch: Instant::now(),
             busy_after,
         }
     }
@@ -129,79 +181,77 @@ impl Lanes {
         self.busy_after
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Chooses where a statement starting `now` goes; `known_short`: its
-    /// text has run here and usually takes less than the busy threshold
-    /// (else it may only have an idle lane to itself).
+    /// Chooses where a statement starting `now` goes, and takes its place
+    /// there; `known_short`: its text has run here and usually takes less
+    /// than the busy threshold (else it may only have an idle lane to
+    /// itself).
     pub(crate) fn pick(&self, now: Instant, known_short: bool) -> Pick {
         let count = self.slots.len();
         if count == 0 {
             return Pick::Busy;
         }
-        let now = self.nanos(now);
         let busy_after = u64::try_from(self.busy_after.as_nanos()).unwrap_or(u64::MAX);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(u32, Arc<Lane>)> = None;
-        let mut empty = None;
-        for k in 0..count {
-            let index = (start + k) % count;
-            let slot = &self.slots[index];
-            let current = lock(&slot.lane);
-            let Some(lane) = current.as_ref().filter(|l| l.usable()) else {
-                empty.get_or_insert(index);
-                continue;
-            };
-            let in_flight = lane.in_flight.load(Ordering::Acquire);
-            if in_flight == 0 {
-                return Pick::Lane(Arc::clone(lane));
+        // A place taken by someone else between looking and taking: look
+        // again, a few times.
+        for _ in 0..3 {
+            let mut best: Option<(u32, Arc<Lane>)> = None;
+            let mut empty = None;
+            for k in 0..count {
+                let index = (start + k) % count;
+                let current = lock(&self.slots[index].lane);
+                let Some(lane) = current.as_ref().filter(|l| l.usable()) else {
+                    empty.get_or_insert(index);
+                    continue;
+                };
+                let state = lane.state.load(Ordering::Acquire);
+                let at = lane.nanos(now);
+                if state == 0 {
+                    if let Some(place) = lane.reserve(at, known_short) {
+                        return Pick::Lane(place);
+                    }
+                    continue;
+                }
+                if !known_short || unknown(state) > 0 {
+                    // Nothing may queue behind a statement of unknown length,
+                    // and one of unknown length queues behind nothing.
+                    continue;
+                }
+                let progress = lane.progress.load(Ordering::Acquire);
+                if at.saturating_sub(progress) > busy_after {
+                    // Work in flight and no reply for a while: stuck behind a
+                    // long statement.
+                    continue;
+                }
+                let n = in_flight(state);
+                if best.as_ref().is_none_or(|(m, _)| n < *m) {
+                    best = Some((n, Arc::clone(lane)));
+                }
             }
-            if !known_short || lane.unknown.load(Ordering::Acquire) > 0 {
-                // Nothing may queue behind a statement of unknown length,
-                // and one of unknown length queues behind nothing.
-                continue;
+            // No idle lane: open another one before piling onto a busy one.
+            if let Some(slot) = empty {
+                return Pick::Open(slot);
             }
-            let progress = lane.progress.load(Ordering::Acquire);
-            if now.saturating_sub(progress) > busy_after {
-                // Work in flight and no reply for a while: stuck behind a
-                // long statement.
-                continue;
-            }
-            if best.as_ref().is_none_or(|(n, _)| in_flight < *n) {
-                best = Some((in_flight, Arc::clone(lane)));
+            match best {
+                Some((_, lane)) => {
+                    if let Some(place) = lane.reserve(lane.nanos(now), known_short) {
+                        return Pick::Lane(place);
+                    }
+                }
+                None => return Pick::Busy,
             }
         }
-        // No idle lane: open another one before piling onto a busy one.
-        match (empty, best) {
-            (Some(slot), _) => Pick::Open(slot),
-            (None, Some((_, lane))) => Pick::Lane(lane),
-            (None, None) => Pick::Busy,
-        }
+        Pick::Busy
     }
 
-    /// Counts a statement about to be sent on `lane` at `now`;
-    /// `known_short` as for [`Lanes::pick`].
-    pub(crate) fn start<'a>(
-        &'a self,
-        lane: &'a Lane,
+    /// Takes a place on `lane` (just opened) for a statement sent at `now`.
+    pub(crate) fn reserve(
+        &self,
+        lane: &Arc<Lane>,
         now: Instant,
         known_short: bool,
-    ) -> InFlight<'a> {
-        let sent = self.nanos(now);
-        if !known_short {
-            lane.unknown.fetch_add(1, Ordering::AcqRel);
-        }
-        if lane.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            lane.progress.store(sent, Ordering::Release);
-        }
-        InFlight {
-            lane,
-            lanes: self,
-            sent,
-            unknown: !known_short,
-        }
+    ) -> Option<Reserved> {
+        lane.reserve(lane.nanos(now), known_short)
     }
 
     pub(crate) fn retire_all(&self) {
@@ -265,9 +315,9 @@ impl Lanes {
         let lane = Arc::new(Lane {
             conn,
             retired: AtomicBool::new(false),
-            in_flight: AtomicU32::new(0),
-            unknown: AtomicU32::new(0),
+            state: AtomicU64::new(0),
             progress: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         *lock(&slot.lane) = Some(Arc::clone(&lane));
         Ok(lane)

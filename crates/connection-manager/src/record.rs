@@ -114,10 +114,14 @@ pub(crate) fn current() -> Option<Arc<Record>> {
     CALL.try_with(Arc::clone).ok()
 }
 
-/// Runs `work` (a closure's future) with `record` as the current call, so
-/// calls nested in it count toward it.
-pub(crate) async fn scope<F: Future>(record: Arc<Record>, work: F) -> F::Output {
-    CALL.scope(record, work).await
+/// `work` (a closure's future) with `record` as the current call, so calls
+/// nested in it count toward it. (Not an `async fn`: that would store
+/// `work` twice.)
+pub(crate) fn scope<F: Future>(
+    record: Arc<Record>,
+    work: F,
+) -> tokio::task::futures::TaskLocalFuture<Arc<Record>, F> {
+    CALL.scope(record, work)
 }
 
 /// Counts one statement of a call that is not a closure (a statement

@@ -185,3 +185,40 @@ async fn a_database_that_is_down_fails_fast_with_a_clear_error() {
     assert!(matches!(error, StartError::Unreachable { .. }), "{error:?}");
     assert!(error.to_string().contains("not reachable"), "{error}");
 }
+
+/// A call's future is what a caller's own future holds while it waits, and
+/// closures nest calls: futures that grow with every layer overflow the
+/// stack of a debug build (the misuse suite's nested closures did, at
+/// 34 KiB for a `write`). The limits leave room for the compiler, not for
+/// another layer of copies.
+#[tokio::test]
+async fn the_futures_of_calls_stay_small() {
+    use pgstack::Route;
+    use pgstack_tests::TestDb;
+
+    let tdb = TestDb::new().await.unwrap();
+    let mut config = pgstack::DatabaseConfig::for_tests(tdb.url()).unwrap();
+    config.migrations.auto_migrate = false;
+    let db = Database::builder().config(config).connect().await.unwrap();
+    let query = std::mem::size_of_val(&db.query("q", Route::Read, "SELECT 1", &[]));
+    let write = std::mem::size_of_val(&db.write("w", async |conn| {
+        conn.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }));
+    let transaction = std::mem::size_of_val(&db.transaction("t", async |tx| {
+        tx.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }));
+    let conn = db.connection("c", Route::Read).await.unwrap();
+    let statement = std::mem::size_of_val(&conn.query("SELECT 1", &[]));
+    for (what, size, limit) in [
+        ("query", query, 8 * 1024),
+        ("write", write, 8 * 1024),
+        ("transaction", transaction, 10 * 1024),
+        ("a connection's query", statement, 3 * 1024),
+    ] {
+        assert!(size <= limit, "{what}: {size} bytes, over {limit}");
+    }
+    drop(conn);
+    db.shutdown(Duration::from_secs(5)).await;
+}

@@ -4,7 +4,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -160,23 +159,25 @@ impl PgConnection {
         self.client.clear_type_cache();
     }
 
-    /// Runs one request, keeping the flags: the in-flight count is raised
-    /// before the request is sent and lowered only when its result arrived,
-    /// so a future dropped in between leaves the connection flagged.
-    async fn run<T>(
-        &self,
-        class: Option<StatementClass>,
-        request: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
+    /// Before one request: rolls back what a dropped transaction left, marks
+    /// what the statement may change, and raises the in-flight count. The
+    /// count is lowered only when the result arrived
+    /// ([`PgConnection::after_request`]), so a future dropped in between
+    /// leaves the connection flagged. (See [`run`].)
+    async fn before_request(&self, class: Option<StatementClass>) -> Result<(), Error> {
         self.roll_back_if(self.stale_transaction.load(Ordering::Acquire))
             .await?;
         if let Some(class) = class {
             self.note(class);
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let result = request.await;
+        Ok(())
+    }
+
+    /// After one request's result arrived.
+    fn after_request<T>(&self, result: &Result<T, Error>) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if let Err(e) = &result {
+        if let Err(e) = result {
             // A server error leaves the protocol in step and the transaction
             // state as it was (aborted if one was open). Anything else
             // (I/O, a closed socket, a row-count or conversion error that
@@ -185,7 +186,6 @@ impl PgConnection {
                 self.mark_unknown();
             }
         }
-        result
     }
 
     fn class_of<T: ?Sized + StatementText>(statement: &T) -> Option<StatementClass> {
@@ -377,6 +377,20 @@ impl fmt::Debug for PooledConnection {
     }
 }
 
+/// Runs one request on `$pg` (a [`PgConnection`]), keeping the flags. A
+/// macro, not a function taking the request: the request is made only after
+/// `before_request` (its rollback must go out first), and a future passed
+/// through an `async fn`'s parameter is stored twice in the caller's state.
+macro_rules! run {
+    ($pg:expr, $class:expr, $request:expr) => {{
+        let pg: &PgConnection = $pg;
+        pg.before_request($class).await?;
+        let result = $request.await;
+        pg.after_request(&result);
+        result
+    }};
+}
+
 /// The query methods shared by [`PooledConnection`] and [`Transaction`].
 macro_rules! query_methods {
     () => {
@@ -384,7 +398,7 @@ macro_rules! query_methods {
         pub async fn prepare(&self, query: &str) -> Result<Statement, Error> {
             let pg = self.pg();
             pg.prepared(query);
-            let statement = pg.run(None, pg.client.prepare(query)).await?;
+            let statement = run!(pg, None, pg.client.prepare(query))?;
             Ok(statement)
         }
 
@@ -392,7 +406,7 @@ macro_rules! query_methods {
         pub async fn prepare_typed(&self, query: &str, types: &[Type]) -> Result<Statement, Error> {
             let pg = self.pg();
             pg.prepared(query);
-            let statement = pg.run(None, pg.client.prepare_typed(query, types)).await?;
+            let statement = run!(pg, None, pg.client.prepare_typed(query, types))?;
             Ok(statement)
         }
 
@@ -430,7 +444,7 @@ macro_rules! query_methods {
         {
             let pg = self.pg();
             let class = PgConnection::class_of(statement);
-            pg.run(class, pg.client.query(statement, params)).await
+            run!(pg, class, pg.client.query(statement, params))
         }
 
         /// Runs a statement that returns exactly one row.
@@ -444,7 +458,7 @@ macro_rules! query_methods {
         {
             let pg = self.pg();
             let class = PgConnection::class_of(statement);
-            pg.run(class, pg.client.query_one(statement, params)).await
+            run!(pg, class, pg.client.query_one(statement, params))
         }
 
         /// Runs a statement that returns at most one row.
@@ -458,7 +472,7 @@ macro_rules! query_methods {
         {
             let pg = self.pg();
             let class = PgConnection::class_of(statement);
-            pg.run(class, pg.client.query_opt(statement, params)).await
+            run!(pg, class, pg.client.query_opt(statement, params))
         }
 
         /// Runs a statement with explicitly typed parameters, without a
@@ -471,7 +485,7 @@ macro_rules! query_methods {
         ) -> Result<Vec<Row>, Error> {
             let pg = self.pg();
             let class = Some(sql::classify(query));
-            pg.run(class, pg.client.query_typed(query, params)).await
+            run!(pg, class, pg.client.query_typed(query, params))
         }
 
         /// Runs a statement with explicitly typed parameters on the unnamed
@@ -485,7 +499,7 @@ macro_rules! query_methods {
         ) -> Result<u64, Error> {
             let pg = self.pg();
             let class = Some(sql::classify(query));
-            let request = async {
+            run!(pg, class, async {
                 let typed = params.iter().map(|(value, ty)| (*value, ty.clone()));
                 let stream = pg.client.query_typed_raw(query, typed).await?;
                 let mut stream = std::pin::pin!(stream);
@@ -494,8 +508,7 @@ macro_rules! query_methods {
                     .is_some()
                 {}
                 Ok(stream.rows_affected().unwrap_or(0))
-            };
-            pg.run(class, request).await
+            })
         }
 
         /// Runs a statement and returns the number of rows it affected.
@@ -509,21 +522,21 @@ macro_rules! query_methods {
         {
             let pg = self.pg();
             let class = PgConnection::class_of(statement);
-            pg.run(class, pg.client.execute(statement, params)).await
+            run!(pg, class, pg.client.execute(statement, params))
         }
 
         /// Runs one or more statements with the simple protocol, discarding rows.
         pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
             let pg = self.pg();
             let class = Some(sql::classify(query));
-            pg.run(class, pg.client.batch_execute(query)).await
+            run!(pg, class, pg.client.batch_execute(query))
         }
 
         /// Runs one or more statements with the simple protocol, returning text rows.
         pub async fn simple_query(&self, query: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
             let pg = self.pg();
             let class = Some(sql::classify(query));
-            pg.run(class, pg.client.simple_query(query)).await
+            run!(pg, class, pg.client.simple_query(query))
         }
     };
 }

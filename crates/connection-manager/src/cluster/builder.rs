@@ -116,6 +116,7 @@ impl ClusterBuilder {
                 counters: Counters::new(),
                 closing: AtomicBool::new(false),
                 in_flight: AtomicU64::new(0),
+                background: AtomicU64::new(0),
                 drained: Notify::new(),
                 discovery: tokio::sync::Mutex::new(()),
                 discovery_epoch: AtomicU64::new(0),

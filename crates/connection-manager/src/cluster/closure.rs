@@ -27,7 +27,7 @@ impl Cluster {
                 let node = self.route(route).clone();
                 match self.checkout(&node, &op).await {
                     Ok(conn) => Ok((conn, node)),
-                    Err(e) => Err((e, Some(node))),
+                    Err(e) => Err(Failed(e, Some(node))),
                 }
             })
             .await;
@@ -115,7 +115,7 @@ impl Cluster {
                 let node = self.route(route).clone();
                 let conn = match self.checkout(&node, &op).await {
                     Ok(conn) => conn,
-                    Err(e) => return Err((e, Some(node))),
+                    Err(e) => return Err(Failed(e, Some(node))),
                 };
                 let mut conn =
                     self.connection_for(conn, node.clone(), op.clone(), Arc::clone(&record), route);
@@ -126,7 +126,7 @@ impl Cluster {
                     Ok(value) => Ok((value, node)),
                     Err(error) => {
                         let error = self.after_failure(&node, &op, error, true).await;
-                        Err((error, Some(node)))
+                        Err(Failed(error, Some(node)))
                     }
                 }
             })

@@ -48,8 +48,15 @@ impl Cluster {
     ///
     /// # Errors
     /// [`Error::NoPrimary`] when no node accepts writes (writes keep going
-    /// to the previous primary).
+    /// to the previous primary); [`Error::ShuttingDown`] after
+    /// [`Cluster::close`].
     pub async fn rediscover(&self) -> Result<(), Error> {
+        // Background work: a close waits for it, and none starts after.
+        let Some(_work) = self.inner.background() else {
+            return Err(Error::ShuttingDown {
+                operation: "pgstack-rediscover".to_owned(),
+            });
+        };
         let epoch = self.inner.discovery_epoch.load(Ordering::Acquire);
         let _round = self.inner.discovery.lock().await;
         if self.inner.discovery_epoch.load(Ordering::Acquire) != epoch {
@@ -194,10 +201,12 @@ pub(super) async fn probe_until_back(cluster: Weak<ClusterInner>, node: Node) {
         let Some(inner) = cluster.upgrade() else {
             return;
         };
-        let cluster = Cluster { inner };
-        if cluster.is_closing() {
+        // Counted until this round ends, so that a close waits for the
+        // connection the role check holds.
+        let Some(_round) = inner.background() else {
             return;
-        }
+        };
+        let cluster = Cluster { inner };
         let timeout = cluster.inner.settings.check_timeout;
         match check_role(&node, timeout).await {
             Ok(role) => {

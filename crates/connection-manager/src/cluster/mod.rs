@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::conn::{self, Connection, Got, Transaction, Want, run_statement};
 use crate::error::Error;
-use crate::lanes::{Lane, Lanes, Pick};
+use crate::lanes::{Lane, Lanes, Pick, Reserved};
 use crate::node::{Node, Role};
 use crate::observe::{Observation, ObserveError, observe, observe_replica};
 use crate::record::{self, Effect, Enclosing, Record};
@@ -75,6 +75,9 @@ pub(crate) struct ClusterInner {
     pub(crate) counters: Counters,
     closing: AtomicBool,
     in_flight: AtomicU64,
+    /// Background work that may hold connections (probes of failed nodes,
+    /// re-discovery, the replication probe), running now.
+    background: AtomicU64,
     drained: Notify,
     discovery: tokio::sync::Mutex<()>,
     discovery_epoch: AtomicU64,
@@ -116,6 +119,34 @@ pub(super) struct Work<'a>(&'a ClusterInner);
 impl Drop for Work<'_> {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.closing.load(Ordering::Acquire)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// The guard of one round of background work: [`Cluster::close`] waits for
+/// it, and no round starts once the cluster is closing.
+pub(super) struct Background(Arc<ClusterInner>);
+
+impl ClusterInner {
+    /// Counts a round of background work, unless the cluster is closing.
+    /// Counted first, checked second (as [`Cluster::begin`] does), so `close`
+    /// cannot miss a round that starts as it looks.
+    pub(super) fn background(self: &Arc<Self>) -> Option<Background> {
+        self.background.fetch_add(1, Ordering::AcqRel);
+        let round = Background(Arc::clone(self));
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(round)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.0.background.fetch_sub(1, Ordering::AcqRel) == 1
             && self.0.closing.load(Ordering::Acquire)
         {
             self.0.drained.notify_waiters();
@@ -269,10 +300,15 @@ impl Cluster {
     pub async fn close(&self, deadline: Duration) -> CloseReport {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::Release);
+        // Calls in flight, then the background work that holds connections
+        // of its own (a probe of a failed node in the middle of its role
+        // check): no new round of it starts now.
         let wait = async {
             loop {
                 let drained = inner.drained.notified();
-                if inner.in_flight.load(Ordering::Acquire) == 0 {
+                if inner.in_flight.load(Ordering::Acquire) == 0
+                    && inner.background.load(Ordering::Acquire) == 0
+                {
                     return;
                 }
                 drained.await;
@@ -281,16 +317,18 @@ impl Cluster {
         let until = tokio::time::Instant::now() + deadline;
         let _ = tokio::time::timeout_at(until, wait).await;
         let cut_off = inner.in_flight.load(Ordering::Acquire);
-        // Calls that returned may have left a connection to be rolled back
-        // before it goes back to its pool: give those the rest of the
+        // Shared connections go back first; then connections being rolled
+        // back or reset on their way back to the pool get the rest of the
         // deadline, so they are not counted as still in use.
         let nodes = self.nodes();
+        for node in nodes {
+            node.retire_lanes();
+        }
         for node in nodes {
             let _ = tokio::time::timeout_at(until, node.pool().returns_settled()).await;
         }
         let mut connections_in_use = 0;
         for node in nodes {
-            node.retire_lanes();
             connections_in_use += node.pool().close();
         }
         if cut_off > 0 {

@@ -38,11 +38,12 @@ impl Cluster {
         tokio::spawn(async move {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
-                let cluster = Cluster { inner };
-                if cluster.is_closing() {
+                let Some(round) = inner.background() else {
                     return;
-                }
+                };
+                let cluster = Cluster { inner };
                 cluster.refresh_replication().await;
+                drop(round);
                 drop(cluster);
                 tokio::time::sleep(interval).await;
             }

@@ -159,6 +159,33 @@ impl Classify<Error> for CallRules<'_> {
 /// What one attempt reports besides its value: the node it ran on.
 pub(super) type Attempt<T> = Result<(T, Node), (Error, Option<Node>)>;
 
+/// What one attempt reports to the retry loop: its value and node, or its
+/// error and the node it got to (if any).
+pub(super) type Tried<T> = Result<(T, Node), Failed>;
+
+/// An attempt's error, and the node it ran on when it got that far.
+pub(super) struct Failed(pub(super) Error, pub(super) Option<Node>);
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Classify<Failed> for CallRules<'_> {
+    fn classify(&self, failed: &Failed) -> ErrorClass {
+        Classify::<Error>::classify(self, &failed.0)
+    }
+
+    fn breaker_outcome(&self, failed: &Failed) -> Outcome {
+        Classify::<Error>::breaker_outcome(self, &failed.0)
+    }
+
+    fn unavailable_wait(&self, failed: &Failed) -> Option<Duration> {
+        Classify::<Error>::unavailable_wait(self, &failed.0)
+    }
+}
+
 impl Cluster {
     /// Runs `attempt` under the retry policy, counting retries.
     pub(super) async fn with_retries<T, F, Fut>(
@@ -169,13 +196,12 @@ impl Cluster {
     ) -> Attempt<T>
     where
         F: FnMut(u32) -> Fut,
-        Fut: Future<Output = Attempt<T>>,
+        Fut: Future<Output = Tried<T>>,
     {
         let _work = match self.begin(op) {
             Ok(work) => work,
             Err(e) => return Err((e, None)),
         };
-        let last_node = std::sync::Mutex::new(None::<Node>);
         let deadline = op
             .retry_deadline_override()
             .or_else(|| self.inner.retry.deadline());
@@ -187,24 +213,14 @@ impl Cluster {
                 if n > 1 {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                let fut = attempt(n);
-                let last_node = &last_node;
-                async move {
-                    match fut.await {
-                        Ok(ok) => Ok(ok),
-                        Err((error, node)) => {
-                            if let Some(node) = node {
-                                *last_node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
-                            }
-                            Err(error)
-                        }
-                    }
-                }
+                // Handed over as it is: wrapping it in another future would
+                // store it twice.
+                attempt(n)
             })
             .await;
         result.map_err(|e| {
-            let node = last_node.lock().unwrap_or_else(|p| p.into_inner()).take();
-            (rules.settle(e.into_inner(), op), node)
+            let Failed(error, node) = e.into_inner();
+            (rules.settle(error, op), node)
         })
     }
 

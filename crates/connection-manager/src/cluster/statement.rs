@@ -173,7 +173,7 @@ impl Cluster {
         let node = self.primary().clone();
         let conn = self.checkout(&node, &op).await?;
         let limit = self.inner.settings.round_trip;
-        conn::bounded(limit, &node, &op, position_on(&conn, &node, &op)).await
+        conn::bounded!(limit, &node, &op, position_on(&conn, &node, &op))
     }
 
     async fn statement(
@@ -234,7 +234,7 @@ impl Cluster {
         statement: Statement<'_>,
         attempt: u32,
         enclosing: &Enclosing,
-    ) -> Attempt<Done> {
+    ) -> Tried<Done> {
         let Statement {
             op,
             route,
@@ -249,13 +249,14 @@ impl Cluster {
         let lanes = &node.inner.lanes;
         let busy_after = lanes.busy_after();
         let shared = lanes.enabled() && statement.profile.may_share(busy_after);
+        let known_short = statement.profile.is_short(busy_after);
         let pick = if shared {
-            lanes.pick(started, statement.profile.is_short(busy_after))
+            lanes.pick(started, known_short)
         } else {
             Pick::Busy
         };
         let result = match pick {
-            Pick::Lane(lane) => self.on_lane(&node, &lane, statement).await,
+            Pick::Lane(place) => self.on_lane(&node, place, statement).await,
             Pick::Open(slot) => {
                 let queued_failure = || Error::Unavailable {
                     node: Arc::clone(node.name_arc()),
@@ -267,7 +268,11 @@ impl Cluster {
                     .open(slot, || self.open_lane(&node), queued_failure)
                     .await
                 {
-                    Ok(lane) => self.on_lane(&node, &lane, statement).await,
+                    Ok(lane) => match lanes.reserve(&lane, Instant::now(), known_short) {
+                        Some(place) => self.on_lane(&node, place, statement).await,
+                        // Taken by another statement in the meantime.
+                        None => self.on_own(&node, statement).await,
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -289,7 +294,7 @@ impl Cluster {
                     enclosing.not_sent(sent);
                 }
                 let error = self.after_failure(&node, op, error, true).await;
-                Err((error, Some(node)))
+                Err(Failed(error, Some(node)))
             }
         }
     }
@@ -298,37 +303,52 @@ impl Cluster {
     async fn on_lane(
         &self,
         node: &Node,
-        lane: &Arc<Lane>,
+        mut place: Reserved,
         statement: Statement<'_>,
     ) -> Result<Done, Error> {
         let lanes = &node.inner.lanes;
+        let lane = &Arc::clone(&place.lane);
         let mut guard = LaneGuard {
             node,
             lane,
             armed: true,
         };
         let limit = self.inner.settings.round_trip;
-        let known_short = statement.profile.is_short(lanes.busy_after());
-        let flight = lanes.start(lane, Instant::now(), known_short);
-        let run = run_statement!(
-            &lane.conn,
-            self.inner.settings.prepared,
-            statement.sql,
-            statement.params,
-            statement.want,
-            node.name_arc(),
-            statement.op.name()
-        );
-        let result = conn::bounded(limit, node, statement.op, run).await;
-        let served = flight.done(Instant::now());
+        let result = async {
+            // Parse once per connection, apart: the time the statement takes
+            // is its execution, not its first preparation.
+            if self.prepare(&lane.conn, node, statement).await? {
+                place.restart(Instant::now());
+            }
+            conn::bounded!(
+                limit,
+                node,
+                statement.op,
+                run_statement!(
+                    &lane.conn,
+                    self.inner.settings.prepared,
+                    statement.sql,
+                    statement.params,
+                    statement.want,
+                    node.name_arc(),
+                    statement.op.name()
+                )
+            )
+        }
+        .await;
+        let served = place.done(Instant::now());
         let result = match result {
             Ok(got) => {
                 if let Some(timing) = statement.profile.timing {
                     timing.record(served);
                 }
                 let position = if statement.track {
-                    let read = position_on(&lane.conn, node, statement.op);
-                    Some(conn::bounded(limit, node, statement.op, read).await)
+                    Some(conn::bounded!(
+                        limit,
+                        node,
+                        statement.op,
+                        position_on(&lane.conn, node, statement.op)
+                    ))
                 } else {
                     None
                 };
@@ -354,27 +374,57 @@ impl Cluster {
     async fn on_own(&self, node: &Node, statement: Statement<'_>) -> Result<Done, Error> {
         let conn = self.checkout(node, statement.op).await?;
         let limit = self.inner.settings.round_trip;
-        let run = run_statement!(
-            &conn,
-            self.inner.settings.prepared,
-            statement.sql,
-            statement.params,
-            statement.want,
-            node.name_arc(),
-            statement.op.name()
-        );
+        self.prepare(&conn, node, statement).await?;
         let sent_at = Instant::now();
-        let got = conn::bounded(limit, node, statement.op, run).await?;
+        let got = conn::bounded!(
+            limit,
+            node,
+            statement.op,
+            run_statement!(
+                &conn,
+                self.inner.settings.prepared,
+                statement.sql,
+                statement.params,
+                statement.want,
+                node.name_arc(),
+                statement.op.name()
+            )
+        )?;
         if let Some(timing) = statement.profile.timing {
             timing.record(sent_at.elapsed());
         }
         let position = if statement.track {
-            let read = position_on(&conn, node, statement.op);
-            Some(conn::bounded(limit, node, statement.op, read).await)
+            Some(conn::bounded!(
+                limit,
+                node,
+                statement.op,
+                position_on(&conn, node, statement.op)
+            ))
         } else {
             None
         };
         Ok((got, position))
+    }
+
+    /// Prepares the statement on `conn` (a round trip the first time on a
+    /// connection, a cache look-up after) when prepared statements are on;
+    /// whether a round trip may have been made.
+    async fn prepare(
+        &self,
+        conn: &PooledConnection,
+        node: &Node,
+        statement: Statement<'_>,
+    ) -> Result<bool, Error> {
+        if !self.inner.settings.prepared {
+            return Ok(false);
+        }
+        let prepare = async {
+            conn.prepare_cached(statement.sql)
+                .await
+                .map_err(|e| Error::from_postgres(e, node.name_arc(), statement.op.name(), false))
+        };
+        conn::bounded!(self.inner.settings.round_trip, node, statement.op, prepare)?;
+        Ok(true)
     }
 
     /// What a failed attempt means for routing: a node failure sets the

@@ -110,7 +110,7 @@ impl Cluster {
         attempt: u32,
         record: &Arc<Record>,
         work: &mut F,
-    ) -> Attempt<T>
+    ) -> Tried<T>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
@@ -118,7 +118,7 @@ impl Cluster {
         record_attempt(&node, attempt);
         let mut conn = match self.checkout(&node, op).await {
             Ok(conn) => conn,
-            Err(e) => return Err((e, Some(node))),
+            Err(e) => return Err(Failed(e, Some(node))),
         };
         let limit = self.inner.settings.round_trip;
         let result = async {
@@ -127,7 +127,7 @@ impl Cluster {
                     .await
                     .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))
             };
-            let tx = conn::bounded(limit, &node, op, begin).await?;
+            let tx = conn::bounded!(limit, &node, op, begin)?;
             let mut tx = Transaction::new(
                 tx,
                 node.clone(),
@@ -146,7 +146,7 @@ impl Cluster {
                                 Error::from_postgres(e, node.name_arc(), op.name(), true)
                             })
                         };
-                        let _ = conn::bounded(limit, &node, op, rollback).await;
+                        let _ = conn::bounded!(limit, &node, op, rollback);
                     }
                     // A broken or timed-out connection is not waited on: the
                     // pool rolls it back off the caller's path, or closes it.
@@ -163,7 +163,7 @@ impl Cluster {
                 let error = self
                     .after_failure(&node, op, error, !options.read_only)
                     .await;
-                Err((error, Some(node)))
+                Err(Failed(error, Some(node)))
             }
         }
     }
@@ -188,7 +188,7 @@ impl Cluster {
                     .await
                     .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), true))
             };
-            let _ = conn::bounded(limit, node, op, rollback).await;
+            let _ = conn::bounded!(limit, node, op, rollback);
             tracing::warn!(
                 op = op.name(),
                 node = node.name(),
