@@ -67,16 +67,29 @@
 //!   read-only server is a replica) when connections are made. A `25006` from the
 //!   primary, or a primary seen in recovery, triggers
 //!   [`Cluster::rediscover`].
-//! - **Pipelining**: statements outside transactions share a few
-//!   connections per node ([`ClusterBuilder::shared_connections`]);
-//!   tokio-postgres pipelines them. Transactions, closures and
-//!   [`Cluster::connection`] take a connection of their own. Statements
-//!   that would leave a shared connection in a transaction or change its
-//!   session (`BEGIN`, `SET`, `LISTEN`, session advisory locks) are refused.
-//! - **Retries**: reads on any transient error; writes only when nothing was
-//!   sent, or when the [`Op`] is idempotent; transactions as a whole on
-//!   `40001`/`40P01` and when they broke before `COMMIT`. A connection lost
-//!   while a commit was in flight gives [`Error::CommitOutcomeUnknown`].
+//! - **Pipelining**: plain reads and writes without session effects share a
+//!   few connections per node ([`ClusterBuilder::shared_connections`]);
+//!   tokio-postgres pipelines them. A shared connection is chosen by the work
+//!   in flight on it, and a statement known to be long (or not known yet)
+//!   never has another queued behind it ([`ClusterBuilder::busy_after`]).
+//!   Statements that control transactions or change or read the session
+//!   (`BEGIN`, `SET`, temporary tables, `LISTEN`, `currval`) are refused
+//!   with a message saying what to use; other ones (DDL, `DO`, `COPY`) take
+//!   a connection of their own. Transactions, closures and
+//!   [`Cluster::connection`] take one too, and the pool resets a session
+//!   they changed before anyone else gets it.
+//! - **Retries** follow what the call may have done, as its connection
+//!   recorded it: a call is repeated while nothing but reads reached the
+//!   server, or when the [`Op`] is idempotent; transactions as a whole on
+//!   `40001`/`40P01` and when they broke before `COMMIT`. A write lost in
+//!   flight gives [`Error::CommitOutcomeUnknown`]; a failure after earlier
+//!   writes [`Error::PartiallyApplied`].
+//! - **Transactions** that know when they are doomed: `Ok` after a failed
+//!   statement gives [`Error::TransactionAborted`]; `COMMIT` is checked in
+//!   the same round trip, and resolved with `txid_status` when its
+//!   connection breaks.
+//! - **Bounds**: every round trip, inside transactions and closures too, ends
+//!   within `query.statement_timeout` plus half the connect timeout.
 //! - **Behind PgBouncer** (`query.prepared_statements = false`): statements
 //!   use the unnamed statement in one round trip, parameter types taken from
 //!   the Rust values.

@@ -12,9 +12,14 @@
 //!   `pool.validation_idle_threshold` are pinged (or every one, with
 //!   `checkout_validation = "always"`).
 //! - **Never a bad connection**: a connection goes back to the pool only with
-//!   no transaction open and nothing in flight. A future dropped mid-query or
-//!   mid-transaction, a panic or an unclear error gets it rolled back (off
-//!   the caller's path) or closed.
+//!   no transaction open, nothing in flight and its session as the pool
+//!   opened it. A future dropped mid-query or mid-transaction, a panic or an
+//!   unclear error gets it rolled back (off the caller's path) or closed; a
+//!   statement that changed the session (`SET`, temporary tables, `LISTEN`,
+//!   advisory locks, `PREPARE`, the raw client) gets it reset with `DISCARD
+//!   ALL`. Statements are read with [`classify`] (sqlparser's tokenizer).
+//!   [`Transaction::commit_checked`] tells a real `COMMIT` from one the
+//!   server answered by rolling back.
 //! - **Lifetimes** with per-connection jitter, idle timeout, acquire timeout.
 //! - **Node down**: a circuit breaker from [`pgstack_resilience`] fails
 //!   checkouts at once while the node is unreachable; the pool reconnects in
