@@ -48,47 +48,69 @@ macro_rules! run_statement {
                     .prepare_cached($sql)
                     .await
                     .map_err(|e| $crate::error::Error::from_postgres(e, node, op, false))?;
-                let result = match $want {
-                    $crate::conn::Want::Rows => conn
-                        .query(&statement, $params)
-                        .await
-                        .map($crate::conn::Got::Rows),
-                    $crate::conn::Want::Count => conn
-                        .execute(&statement, $params)
-                        .await
-                        .map($crate::conn::Got::Count),
-                };
-                result.map_err(|e| $crate::error::Error::from_postgres(e, node, op, true))
+                $crate::conn::run_prepared!(conn, &statement, $params, $want, node, op).await
             } else {
-                let typed = $crate::params::typed($params).map_err(|index| {
-                    $crate::error::Error::Usage {
-                        operation: op.to_owned(),
-                        problem: format!(
-                            "cannot tell the PostgreSQL type of parameter ${} without a \
-                             prepared statement (query.prepared_statements = false); pass a \
-                             common type and cast it in SQL (a String and `${}::mytype`), or \
-                             call query_typed on a connection from Cluster::connection",
-                            index + 1,
-                            index + 1
-                        ),
-                    }
-                })?;
-                let result = match $want {
-                    $crate::conn::Want::Rows => conn
-                        .query_typed($sql, &typed)
-                        .await
-                        .map($crate::conn::Got::Rows),
-                    $crate::conn::Want::Count => conn
-                        .execute_typed($sql, &typed)
-                        .await
-                        .map($crate::conn::Got::Count),
-                };
-                result.map_err(|e| $crate::error::Error::from_postgres(e, node, op, true))
+                $crate::conn::run_unnamed!(conn, $sql, $params, $want, node, op).await
             }
         }
     };
 }
-pub(crate) use run_statement;
+
+/// Runs a statement prepared already (see [`run_statement!`]).
+macro_rules! run_prepared {
+    ($conn:expr, $statement:expr, $params:expr, $want:expr, $node:expr, $op:expr) => {
+        async {
+            let conn = $conn;
+            let result = match $want {
+                $crate::conn::Want::Rows => conn
+                    .query($statement, $params)
+                    .await
+                    .map($crate::conn::Got::Rows),
+                $crate::conn::Want::Count => conn
+                    .execute($statement, $params)
+                    .await
+                    .map($crate::conn::Got::Count),
+            };
+            result.map_err(|e| $crate::error::Error::from_postgres(e, $node, $op, true))
+        }
+    };
+}
+
+/// Runs a statement on the unnamed statement, parameter types taken from
+/// the values (see [`run_statement!`]).
+macro_rules! run_unnamed {
+    ($conn:expr, $sql:expr, $params:expr, $want:expr, $node:expr, $op:expr) => {
+        async {
+            let conn = $conn;
+            let node: &std::sync::Arc<str> = $node;
+            let op: &str = $op;
+            let typed =
+                $crate::params::typed($params).map_err(|index| $crate::error::Error::Usage {
+                    operation: op.to_owned(),
+                    problem: format!(
+                        "cannot tell the PostgreSQL type of parameter ${} without a \
+                         prepared statement (query.prepared_statements = false); pass a \
+                         common type and cast it in SQL (a String and `${}::mytype`), or \
+                         call query_typed on a connection from Cluster::connection",
+                        index + 1,
+                        index + 1
+                    ),
+                })?;
+            let result = match $want {
+                $crate::conn::Want::Rows => conn
+                    .query_typed($sql, &typed)
+                    .await
+                    .map($crate::conn::Got::Rows),
+                $crate::conn::Want::Count => conn
+                    .execute_typed($sql, &typed)
+                    .await
+                    .map($crate::conn::Got::Count),
+            };
+            result.map_err(|e| $crate::error::Error::from_postgres(e, node, op, true))
+        }
+    };
+}
+pub(crate) use {run_prepared, run_unnamed};
 
 pub(crate) fn rows(got: Got) -> Vec<Row> {
     match got {

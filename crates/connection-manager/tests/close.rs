@@ -45,7 +45,7 @@ async fn close_waits_for_the_probe_of_a_failed_node_and_counts_nothing_in_use() 
         .await
         .unwrap()
         .get(0);
-    assert_eq!(killed, 1);
+    assert!(killed >= 1, "the shared connection ran the marker");
     proxy.set_mode(ProxyMode::Latency(Duration::from_millis(400)));
     let impatient = Op::from("fails").retry_deadline(Duration::from_millis(1));
     let failed = cluster.query_one(impatient, Route::Read, marker, &[]).await;

@@ -23,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, SimpleQueryMessage};
 use tracing::Instrument;
 
-use crate::conn::{self, Connection, Got, Transaction, Want, run_statement};
+use crate::conn::{self, Connection, Got, Transaction, Want, run_prepared, run_unnamed};
 use crate::error::Error;
 use crate::lanes::{Lane, Lanes, Pick, Reserved};
 use crate::node::{Node, Role};

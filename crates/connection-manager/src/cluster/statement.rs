@@ -317,23 +317,37 @@ impl Cluster {
         let result = async {
             // Parse once per connection, apart: the time the statement takes
             // is its execution, not its first preparation.
-            if self.prepare(&lane.conn, node, statement).await? {
-                place.restart(Instant::now());
+            match self.prepare(&lane.conn, node, statement).await? {
+                Some(prepared) => {
+                    place.restart(Instant::now());
+                    conn::bounded!(
+                        limit,
+                        node,
+                        statement.op,
+                        run_prepared!(
+                            &lane.conn,
+                            &prepared,
+                            statement.params,
+                            statement.want,
+                            node.name_arc(),
+                            statement.op.name()
+                        )
+                    )
+                }
+                None => conn::bounded!(
+                    limit,
+                    node,
+                    statement.op,
+                    run_unnamed!(
+                        &lane.conn,
+                        statement.sql,
+                        statement.params,
+                        statement.want,
+                        node.name_arc(),
+                        statement.op.name()
+                    )
+                ),
             }
-            conn::bounded!(
-                limit,
-                node,
-                statement.op,
-                run_statement!(
-                    &lane.conn,
-                    self.inner.settings.prepared,
-                    statement.sql,
-                    statement.params,
-                    statement.want,
-                    node.name_arc(),
-                    statement.op.name()
-                )
-            )
         }
         .await;
         let served = place.done(Instant::now());
@@ -374,22 +388,36 @@ impl Cluster {
     async fn on_own(&self, node: &Node, statement: Statement<'_>) -> Result<Done, Error> {
         let conn = self.checkout(node, statement.op).await?;
         let limit = self.inner.settings.round_trip;
-        self.prepare(&conn, node, statement).await?;
+        let prepared = self.prepare(&conn, node, statement).await?;
         let sent_at = Instant::now();
-        let got = conn::bounded!(
-            limit,
-            node,
-            statement.op,
-            run_statement!(
-                &conn,
-                self.inner.settings.prepared,
-                statement.sql,
-                statement.params,
-                statement.want,
-                node.name_arc(),
-                statement.op.name()
-            )
-        )?;
+        let got = match prepared {
+            Some(prepared) => conn::bounded!(
+                limit,
+                node,
+                statement.op,
+                run_prepared!(
+                    &conn,
+                    &prepared,
+                    statement.params,
+                    statement.want,
+                    node.name_arc(),
+                    statement.op.name()
+                )
+            ),
+            None => conn::bounded!(
+                limit,
+                node,
+                statement.op,
+                run_unnamed!(
+                    &conn,
+                    statement.sql,
+                    statement.params,
+                    statement.want,
+                    node.name_arc(),
+                    statement.op.name()
+                )
+            ),
+        }?;
         if let Some(timing) = statement.profile.timing {
             timing.record(sent_at.elapsed());
         }
@@ -407,24 +435,23 @@ impl Cluster {
     }
 
     /// Prepares the statement on `conn` (a round trip the first time on a
-    /// connection, a cache look-up after) when prepared statements are on;
-    /// whether a round trip may have been made.
+    /// connection, a cache look-up after) when prepared statements are on
+    /// (`None` when they are off).
     async fn prepare(
         &self,
         conn: &PooledConnection,
         node: &Node,
         statement: Statement<'_>,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<tokio_postgres::Statement>, Error> {
         if !self.inner.settings.prepared {
-            return Ok(false);
+            return Ok(None);
         }
         let prepare = async {
             conn.prepare_cached(statement.sql)
                 .await
                 .map_err(|e| Error::from_postgres(e, node.name_arc(), statement.op.name(), false))
         };
-        conn::bounded!(self.inner.settings.round_trip, node, statement.op, prepare)?;
-        Ok(true)
+        conn::bounded!(self.inner.settings.round_trip, node, statement.op, prepare).map(Some)
     }
 
     /// What a failed attempt means for routing: a node failure sets the
