@@ -149,8 +149,8 @@ async fn pgstack_open_breaker(
 )> {
     let proxy = ChaosProxy::start(ctx.cluster.addr()).await?;
     let mut config = libs::pgstack_config(&proxy.url(DB), POOL)?;
-    // An attempt is bounded by statement_timeout + connect_timeout: 3 s,
-    // the peers' cap, instead of the default 35 s.
+    // A round trip is bounded by statement_timeout + half the connect
+    // timeout: 2.5 s, within the peers' 3 s cap, instead of the default 32.5 s.
     config.query.statement_timeout = Some(Duration::from_secs(2));
     config.pool.connect_timeout = Duration::from_secs(1);
     // The callers' deadline is the peers' 3 s cap too: a call waits for the

@@ -521,8 +521,9 @@ async fn refused_connections_are_waited_out_briefly_and_reported_with_their_caus
 }
 
 /// A database behind a proxy whose breaker opens quickly under a black
-/// hole: one attempt is bounded by statement_timeout + connect_timeout =
-/// 1.5 s, the retry loop by its 3 s deadline.
+/// hole: a round trip is bounded by statement_timeout + half the connect
+/// timeout = 1.25 s (opening a shared connection by twice the connect
+/// timeout), the retry loop by its 3 s deadline.
 fn black_hole_config(setup: &Proxied) -> pgstack::DatabaseConfig {
     let mut config = setup.config();
     config.query.statement_timeout = Some(Duration::from_secs(1));

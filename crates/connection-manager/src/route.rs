@@ -166,8 +166,8 @@ impl Op {
     /// after the call began, and an open breaker whose next probe comes
     /// after it fails the call at once. For a caller with a deadline of its
     /// own (an HTTP handler's 2 s): it fails fast instead of waiting for a
-    /// recovery it cannot use. One attempt is still bounded by
-    /// `statement_timeout + connect_timeout`, not by this.
+    /// recovery it cannot use. Each round trip of an attempt is still bounded by
+    /// `statement_timeout` plus half the connect timeout, not by this.
     pub fn retry_deadline(mut self, within: Duration) -> Self {
         self.retry_deadline = Some(within);
         self

@@ -61,13 +61,20 @@
 //! `40001`, `40P01`, pool time-outs), with exponential backoff and jitter
 //! (`retry.*`):
 //!
-//! - reads are retried freely;
-//! - a write is retried only when it provably was not sent, or when its
+//! - what a call may have done is recorded as its statements go out (calls
+//!   nested in a closure count too), and the rules read that record: a call
+//!   is repeated while nothing but reads reached the server, or when its
 //!   operation is marked idempotent: `Op::from("touch").idempotent()`;
-//! - a transaction is retried as a whole on `40001`/`40P01` — keep effects
-//!   outside the database out of its closure;
-//! - a connection lost while `COMMIT` was in flight gives
-//!   [`Error::CommitOutcomeUnknown`], never a silent retry.
+//! - a transaction is retried as a whole on `40001`/`40P01` and when it broke
+//!   before `COMMIT` — keep effects outside the database out of its closure;
+//!   one whose closure returned `Ok` after a failed statement is rolled back
+//!   ([`Error::TransactionAborted`]), never reported committed;
+//! - a write lost in flight gives [`Error::CommitOutcomeUnknown`] (a
+//!   `COMMIT` is first looked up with `txid_status`), a failure after
+//!   earlier writes [`Error::PartiallyApplied`]: never a silent retry, and
+//!   never "not sent";
+//! - every round trip ends within `query.statement_timeout` plus half the
+//!   connect timeout, inside transactions too.
 //!
 //! While a node's circuit breaker is open, calls to it fail in microseconds
 //! with [`Error::CircuitOpen`], naming the node and the next probe.

@@ -197,6 +197,8 @@ pub(crate) fn kind(error: &Error) -> &'static str {
         Error::CommitOutcomeUnknown { .. } => "outcome-unknown",
         Error::ShuttingDown { .. } => "shutting-down",
         Error::NoPrimary { .. } => "no-primary",
+        Error::PartiallyApplied { .. } => "partially-applied",
+        Error::TransactionAborted { .. } => "transaction-aborted",
         _ => "other",
     }
 }
