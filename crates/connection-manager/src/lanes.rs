@@ -108,11 +108,6 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
-    /// The statement is sent only now (after its preparation).
-    pub(crate) fn restart(&mut self, at: Instant) {
-        self.sent = self.lane.nanos(at);
-    }
-
     /// The reply arrived at `at`: the lane made progress. Returns how long
     /// the server spent on this statement: from the reply before it (or from
     /// when it was sent, if later) to its own, so time spent queued behind

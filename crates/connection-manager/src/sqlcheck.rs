@@ -19,20 +19,23 @@ use crate::conn::excerpt;
 /// Why `sql` (of class `class`) must not run through a statement helper,
 /// if it must not.
 pub(crate) fn refusal(class: &StatementClass, sql: &str) -> Option<String> {
-    let statement = excerpt(sql);
+    // Built only for a refusal: the common case allocates nothing.
+    let statement = || excerpt(sql);
     match class.kind() {
         StatementKind::TransactionControl | StatementKind::Savepoint => {
             return Some(format!(
-                "`{statement}` controls a transaction, which a statement helper does not \
-                 have (each statement is its own transaction); use Cluster::transaction"
+                "`{}` controls a transaction, which a statement helper does not \
+                 have (each statement is its own transaction); use Cluster::transaction",
+                statement()
             ));
         }
         StatementKind::Several => {
             return Some(format!(
-                "`{statement}` holds more than one statement; a statement helper sends one \
+                "`{}` holds more than one statement; a statement helper sends one \
                  (the extended protocol). Make one call per statement, use \
                  Cluster::transaction to run them together, or batch_execute on a connection \
-                 from Cluster::connection"
+                 from Cluster::connection",
+                statement()
             ));
         }
         StatementKind::Empty => {
@@ -48,21 +51,24 @@ pub(crate) fn refusal(class: &StatementClass, sql: &str) -> Option<String> {
         // DO and CALL run on a connection of their own, reset afterwards.
         Session::Neutral | Session::MayChange(_) => None,
         Session::Changes(what) | Session::ChangesLastingly(what) => Some(format!(
-            "`{statement}` changes the session ({what}): on a shared connection other callers \
+            "`{}` changes the session ({what}): on a shared connection other callers \
              would inherit it, and a connection of its own is reset when it goes back to the \
              pool, so the change would not last. Keep a connection for as long as you need it \
              (Cluster::connection), or scope it to a transaction (SET LOCAL, set_config(.., \
-             .., true), pg_advisory_xact_lock, ON COMMIT DROP inside Cluster::transaction)"
+             .., true), pg_advisory_xact_lock, ON COMMIT DROP inside Cluster::transaction)",
+            statement()
         )),
         Session::Reads(what) => Some(format!(
-            "`{statement}` reads state of its own session ({what}), so its answer would \
+            "`{}` reads state of its own session ({what}), so its answer would \
              depend on which connection it lands on. Run it where that state was made: on \
              the same connection (Cluster::connection) or in the same transaction \
-             (Cluster::transaction); for a new row's key, use RETURNING"
+             (Cluster::transaction); for a new row's key, use RETURNING",
+            statement()
         )),
         _ => Some(format!(
-            "`{statement}` uses the session in a way pgstack does not know; run it on a \
-             connection from Cluster::connection"
+            "`{}` uses the session in a way pgstack does not know; run it on a \
+             connection from Cluster::connection",
+            statement()
         )),
     }
 }

@@ -417,15 +417,17 @@ macro_rules! query_methods {
         /// [`crate::Pool::clear_statement_caches`].
         pub async fn prepare_cached(&self, query: &str) -> Result<Statement, Error> {
             let pg = self.pg();
+            // Only statements that change neither the transaction nor the
+            // session are ever cached: a hit needs no classification.
+            if pg.shared.cache_statements
+                && let Some(statement) = lock(&pg.statements).get(query)
+            {
+                return Ok(statement.clone());
+            }
             let class = sql::classify(query);
             let cache = pg.shared.cache_statements
                 && !class.may_change_transaction()
                 && !class.session().changes();
-            if cache {
-                if let Some(statement) = lock(&pg.statements).get(query) {
-                    return Ok(statement.clone());
-                }
-            }
             let statement = self.prepare(query).await?;
             if cache {
                 lock(&pg.statements).insert(query.to_owned(), statement.clone());

@@ -303,11 +303,13 @@ impl Cluster {
     async fn on_lane(
         &self,
         node: &Node,
-        mut place: Reserved,
+        place: Reserved,
         statement: Statement<'_>,
     ) -> Result<Done, Error> {
         let lanes = &node.inner.lanes;
         let lane = &Arc::clone(&place.lane);
+        // (The first run on a connection includes its Parse; the usual
+        // duration falls to the next, faster run at once.)
         let mut guard = LaneGuard {
             node,
             lane,
@@ -319,7 +321,6 @@ impl Cluster {
             // is its execution, not its first preparation.
             match self.prepare(&lane.conn, node, statement).await? {
                 Some(prepared) => {
-                    place.restart(Instant::now());
                     conn::bounded!(
                         limit,
                         node,
