@@ -2,11 +2,19 @@
 //! [`pgstack_pool::classify`]) and how long it usually takes here, which
 //! decides whether it may be pipelined on a shared connection.
 //!
-//! A text that usually takes longer than the lanes' busy threshold runs on a
-//! connection of its own: a long statement on a shared connection would
-//! hold up every statement pipelined behind it. A text seen for the first
-//! time may only have an idle shared connection to itself (see
-//! [`crate::lanes`]). The usual duration falls at once to a faster run and rises
+//! Three kinds, by the usual duration `d` against the lanes' busy threshold
+//! `b` (5 ms by default):
+//!
+//! - short (`d <= b`): pipelined behind other statements freely;
+//! - not known yet, or medium (`b < d <= 10 b`): only an idle shared
+//!   connection, which nobody else joins until the statement is answered;
+//! - long (`d > 10 b`): a connection of its own, always.
+//!
+//! A long statement on a shared connection would hold up every statement
+//! pipelined behind it. The margin between "not short" and "long" keeps a
+//! short statement measured slow on a loaded machine (its run on a connection
+//! of its own includes the client's scheduling delays) on the shared
+//! connections, where its next run is measured without them. The usual duration falls at once to a faster run and rises
 //! slowly with slower ones, so queueing under load does not push a short
 //! statement off the lanes, while a statement that is always slow stays off
 //! them.
@@ -24,6 +32,9 @@ use pgstack_pool::{StatementClass, classify};
 
 /// Not run yet.
 const NEVER: u32 = u32::MAX;
+/// A statement is long when it usually takes over this many times the busy
+/// threshold.
+const LONG_AFTER_BUSY: u32 = 10;
 const SHARDS: usize = 16;
 const SHARD_CAPACITY: usize = 1024;
 /// Texts longer than this are not remembered.
@@ -74,9 +85,13 @@ pub(crate) struct Profile {
 impl Profile {
     /// Whether the statement may use a shared connection at all: one plain
     /// read or write without session effects, whose text the registry
-    /// remembers, and not known to be long.
+    /// remembers, and not known to be long (usually over ten times the busy
+    /// threshold `limit`).
     pub(crate) fn may_share(&self, limit: Duration) -> bool {
-        self.class.is_shareable() && self.timing.is_some_and(|t| !t.is_long(limit))
+        self.class.is_shareable()
+            && self
+                .timing
+                .is_some_and(|t| !t.is_long(limit.saturating_mul(LONG_AFTER_BUSY)))
     }
 
     /// Whether it has run here and usually takes at most `limit`: it may be
@@ -185,6 +200,11 @@ mod tests {
         let timing = profile(slow).timing.expect("remembered");
         timing.record(Duration::from_millis(1500));
         assert!(!profile(slow).may_share(limit));
+        // Medium: an idle lane to itself, nobody behind it.
+        let medium = "SELECT pg_sleep(0.02) -- statements-test";
+        let timing = profile(medium).timing.expect("remembered");
+        timing.record(Duration::from_millis(20));
+        assert!(profile(medium).may_share(limit) && !profile(medium).is_short(limit));
         // Session statements never share, however fast.
         let set = "SET search_path = x -- statements-test";
         profile(set)
