@@ -16,7 +16,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use pgstack_config::{CircuitBreakerSettings, RetrySettings, SlidingWindow};
 use pgstack_resilience::{
-    BreakerPolicy, CircuitBreaker, ErrorClass, Pipeline, RetryPolicy, timeout,
+    BreakerPolicy, CircuitBreaker, ErrorClass, Outcome, Pipeline, RetryPolicy, timeout,
 };
 
 /// Polls a future that must be ready on its first poll.
@@ -57,6 +57,15 @@ fn breaker(c: &mut Criterion) {
             .unwrap()
             .slow_call_detection(false),
     );
+    // The connection layer's shape: it timed the call already.
+    g.bench_function("closed_permit_elapsed", |b| {
+        b.iter(|| {
+            closed
+                .acquire_untimed()
+                .unwrap()
+                .record_elapsed(Outcome::Success, black_box(Duration::from_micros(60)))
+        })
+    });
     g.bench_function("closed_call_no_slow_detection", |b| {
         b.iter(|| ready(fast.call(work())).unwrap())
     });
@@ -186,6 +195,16 @@ fn min_batches(c: &mut Criterion) {
             .unwrap()
             .slow_call_detection(false),
     );
+    g.bench_function("breaker_closed_permit_elapsed", |b| {
+        b.iter_custom(|n| {
+            min_of_batches(n, || {
+                closed
+                    .acquire_untimed()
+                    .unwrap()
+                    .record_elapsed(Outcome::Success, black_box(Duration::from_micros(60)))
+            })
+        })
+    });
     g.bench_function("breaker_closed_call_no_slow_detection", |b| {
         b.iter_custom(|n| min_of_batches(n, || ready(fast.call(work())).unwrap()))
     });

@@ -424,7 +424,21 @@ impl CircuitBreaker {
     /// [`Outcome::Ignored`] and frees its half-open slot.
     #[inline]
     pub fn acquire(&self) -> Result<Permit<'_>, Rejected> {
-        let token = self.shared.acquire()?;
+        let token = self.shared.acquire(true)?;
+        Ok(Permit {
+            shared: &self.shared,
+            token,
+        })
+    }
+
+    /// Like [`Self::acquire`], for a caller that times the call itself and
+    /// records with [`Permit::record_elapsed`]: the closed state's fast path
+    /// then reads no clock at all (with slow-call detection on, `acquire`
+    /// reads it once here and once at the record). A permit from here
+    /// recorded with [`Permit::record`] counts as not slow.
+    #[inline]
+    pub fn acquire_untimed(&self) -> Result<Permit<'_>, Rejected> {
+        let token = self.shared.acquire(false)?;
         Ok(Permit {
             shared: &self.shared,
             token,
@@ -435,7 +449,7 @@ impl CircuitBreaker {
     /// breaker, for storing in a struct or moving into a task.
     #[inline]
     pub fn acquire_owned(&self) -> Result<OwnedPermit, Rejected> {
-        let token = self.shared.acquire()?;
+        let token = self.shared.acquire(true)?;
         Ok(OwnedPermit {
             shared: Arc::clone(&self.shared),
             token,
@@ -583,7 +597,9 @@ enum Kind {
 #[derive(Debug)]
 struct Token {
     epoch: u64,
-    started: Instant,
+    /// When the call started; `None` when the caller times it and records
+    /// the elapsed time itself ([`CircuitBreaker::acquire_untimed`]).
+    started: Option<Instant>,
     kind: Kind,
     done: bool,
 }
@@ -599,17 +615,15 @@ impl Shared {
         u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// `timed`: read the clock to time the call (when slow calls are
+    /// detected); the caller may instead record the elapsed time it measured.
     #[inline(always)]
-    fn acquire(&self) -> Result<Token, Rejected> {
+    fn acquire(&self, timed: bool) -> Result<Token, Rejected> {
         let word = self.word.load(Ordering::Acquire);
         let state = word & STATE_MASK;
         if state == 0 {
             // Closed: the fast path. The clock is read only to time the call.
-            let started = if self.config.detect_slow {
-                Instant::now()
-            } else {
-                self.origin
-            };
+            let started = (timed && self.config.detect_slow).then(Instant::now);
             return Ok(Token {
                 epoch: word >> STATE_BITS,
                 started,
@@ -621,7 +635,7 @@ impl Shared {
         match BreakerState::from_code(state) {
             BreakerState::ForcedClosed => Ok(Token {
                 epoch: word >> STATE_BITS,
-                started: now,
+                started: Some(now),
                 kind: Kind::Untracked,
                 done: false,
             }),
@@ -644,7 +658,7 @@ impl Shared {
         let mut inner = self.lock();
         let token = |inner: &Inner, kind| Token {
             epoch: inner.epoch,
-            started: now,
+            started: Some(now),
             kind,
             done: false,
         };
@@ -695,13 +709,15 @@ impl Shared {
         // placing it in a time window. Transitions read it themselves.
         let mut now = None;
         let slow = self.config.detect_slow && {
-            let elapsed = match elapsed {
-                Some(elapsed) => elapsed,
-                None => {
+            let elapsed = match (elapsed, token.started) {
+                (Some(elapsed), _) => elapsed,
+                (None, Some(started)) => {
                     let t = Instant::now();
                     now = Some(t);
-                    t.saturating_duration_since(token.started)
+                    t.saturating_duration_since(started)
                 }
+                // Untimed and recorded without an elapsed time: not slow.
+                (None, None) => Duration::ZERO,
             };
             elapsed > self.config.slow_call_duration
         };
@@ -1035,7 +1051,7 @@ where
         let this = self.project();
         let token = match this.token {
             Some(token) => token,
-            None => match this.shared.acquire() {
+            None => match this.shared.acquire(true) {
                 Ok(token) => this.token.insert(token),
                 Err(rejected) => return Poll::Ready(Err(BreakerError::Rejected(rejected))),
             },
