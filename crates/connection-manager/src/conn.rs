@@ -174,7 +174,26 @@ macro_rules! bounded {
         }
     };
 }
-pub(crate) use bounded;
+
+/// [`bounded!`] with the deadline given as an instant (`$deadline`, an
+/// `Option<Instant>`; `$limit` the bound it came from, for the error), so a
+/// call's round trips share one clock read.
+macro_rules! bounded_at {
+    ($deadline:expr, $limit:expr, $node:expr, $op:expr, $work:expr) => {
+        match $deadline {
+            None => $work.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, $work).await {
+                Ok(result) => result,
+                Err(_) => Err($crate::error::Error::Timeout {
+                    node: std::sync::Arc::clone($node.name_arc()),
+                    operation: $op.name().to_owned(),
+                    after: $limit.unwrap_or_default(),
+                }),
+            },
+        }
+    };
+}
+pub(crate) use {bounded, bounded_at};
 
 /// The text of a statement in messages: its first 200 characters.
 pub(crate) fn excerpt(sql: &str) -> String {
@@ -338,8 +357,10 @@ pub struct Connection {
     pub(crate) prepared: bool,
     /// The bound of one round trip.
     pub(crate) limit: Option<Duration>,
-    /// What the call may have done.
-    pub(crate) record: Arc<Record>,
+    /// What the call may have done: the closure's record, or for a raw
+    /// connection the enclosing call's (none outside one: nothing repeats a
+    /// raw connection's statements).
+    pub(crate) record: Option<Arc<Record>>,
     /// Every statement counts as a write (the call's route is the primary's
     /// writes); else only statements that are not plain reads do.
     pub(crate) writes: bool,
@@ -358,23 +379,37 @@ impl Connection {
     query_methods!(conn);
 
     /// Before one statement: counted in the record before it is sent...
-    fn begin(&self, _sql: &str, class: StatementClass) -> Result<Sent, Error> {
-        Ok(self.record.sending(self.writes || !class.is_read()))
+    fn begin(&self, _sql: &str, class: StatementClass) -> Result<Option<Sent>, Error> {
+        let write = self.writes || !class.is_read();
+        Ok(self.record.as_ref().map(|r| r.sending(write)))
     }
 
     /// ... and taken back if its error proves it never took effect.
-    fn end<T>(&self, sent: Sent, _sql: &str, _class: StatementClass, result: &Result<T, Error>) {
-        if let Err(error) = result
+    fn end<T>(
+        &self,
+        sent: Option<Sent>,
+        _sql: &str,
+        _class: StatementClass,
+        result: &Result<T, Error>,
+    ) {
+        if let (Err(error), Some(record), Some(sent)) = (result, &self.record, sent)
             && error.provably_not_sent()
         {
-            self.record.not_sent(sent);
+            record.not_sent(sent);
+        }
+    }
+
+    /// Everything sent through the raw connection counts as a write.
+    fn raw_use(&self) {
+        if let Some(record) = &self.record {
+            let _ = record.sending(true);
         }
     }
 
     /// The pooled connection itself. What is sent through it from now on
     /// counts as a write of the call.
     pub fn into_inner(self) -> PooledConnection {
-        let _ = self.record.sending(true);
+        self.raw_use();
         self.conn
     }
 }
@@ -385,14 +420,14 @@ impl Deref for Connection {
     /// The pooled connection; the record cannot follow what is sent through
     /// it, so the call counts as having written.
     fn deref(&self) -> &PooledConnection {
-        let _ = self.record.sending(true);
+        self.raw_use();
         &self.conn
     }
 }
 
 impl DerefMut for Connection {
     fn deref_mut(&mut self) -> &mut PooledConnection {
-        let _ = self.record.sending(true);
+        self.raw_use();
         &mut self.conn
     }
 }

@@ -199,6 +199,23 @@ impl Op {
         self.idempotent
     }
 
+    /// The name when it is static text.
+    pub(crate) fn static_name(&self) -> Option<&'static str> {
+        match &self.name {
+            Name::Static(name) => Some(name),
+            Name::Shared(_) => None,
+        }
+    }
+
+    /// The name as shared text (a clone of the `Arc`, or a new one for a
+    /// static name).
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        match &self.name {
+            Name::Static(name) => Arc::from(*name),
+            Name::Shared(name) => Arc::clone(name),
+        }
+    }
+
     pub(crate) fn label(&self) -> metrics::SharedString {
         match &self.name {
             Name::Static(name) => metrics::SharedString::const_str(name),

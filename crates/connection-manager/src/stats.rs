@@ -106,6 +106,7 @@ pub(crate) struct Counters {
     pub(crate) primary_changes: AtomicU64,
     pub(crate) lanes_busy: AtomicU64,
     pub(crate) latency: Histogram,
+    pub(crate) series: SeriesCache,
 }
 
 impl Counters {
@@ -119,6 +120,7 @@ impl Counters {
             primary_changes: AtomicU64::new(0),
             lanes_busy: AtomicU64::new(0),
             latency: Histogram::new(),
+            series: SeriesCache::new(),
         }
     }
 }
@@ -237,5 +239,113 @@ mod tests {
             p99 >= Duration::from_millis(99) && p99 <= Duration::from_millis(112),
             "{p99:?}"
         );
+    }
+}
+
+/// The `pgstack_queries_total` counters (by outcome) and the duration
+/// histogram of one (operation, route, node), resolved once.
+struct CallSeries {
+    ok: metrics::Counter,
+    error: metrics::Counter,
+    unknown: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+/// What a call's series are found by. A static operation name is known by
+/// its address: static text never changes, and two addresses with the same
+/// text resolve to the same series in the recorder, so the worst case is two
+/// entries for one series.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum SeriesKey {
+    Static(usize, usize, u8, u16),
+    Shared(std::sync::Arc<str>, u8, u16),
+}
+
+/// Series handles per (operation, route, node), so a call records its
+/// figures without building labels and looking them up in the recorder.
+pub(crate) struct SeriesCache {
+    shards: Box<[std::sync::RwLock<std::collections::HashMap<SeriesKey, CallSeries>>]>,
+}
+
+/// Entries per shard; past it, series are resolved per call (a program with
+/// unbounded operation names).
+const SERIES_PER_SHARD: usize = 512;
+
+impl SeriesCache {
+    pub(crate) fn new() -> Self {
+        SeriesCache {
+            shards: (0..8)
+                .map(|_| std::sync::RwLock::new(std::collections::HashMap::new()))
+                .collect(),
+        }
+    }
+
+    /// Records one finished call: its outcome (`ok`, `error`, `unknown`) and
+    /// its duration, under `op`, `route` and `node` (its index; `None` when
+    /// it reached none).
+    pub(crate) fn record(
+        &self,
+        op: &crate::route::Op,
+        route: crate::route::Route,
+        node: Option<(usize, &std::sync::Arc<str>)>,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        let route_code = match route {
+            crate::route::Route::Read => 0,
+            crate::route::Route::Write => 1,
+            crate::route::Route::ReadAfter(_) => 2,
+        };
+        let node_code = node.map_or(u16::MAX, |(i, _)| u16::try_from(i).unwrap_or(u16::MAX - 1));
+        let key = match op.static_name() {
+            Some(name) => {
+                SeriesKey::Static(name.as_ptr() as usize, name.len(), route_code, node_code)
+            }
+            None => SeriesKey::Shared(op.shared_name(), route_code, node_code),
+        };
+        let shard = &self.shards
+            [(route_code as usize + node_code as usize * 3 + op.name().len()) % self.shards.len()];
+        let record = |series: &CallSeries| {
+            match outcome {
+                "ok" => series.ok.increment(1),
+                "unknown" => series.unknown.increment(1),
+                _ => series.error.increment(1),
+            }
+            series.duration.record(elapsed.as_secs_f64());
+        };
+        if let Some(series) = shard.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            record(series);
+            return;
+        }
+        let node_label = match node {
+            Some((_, name)) => metrics::SharedString::from(std::sync::Arc::clone(name)),
+            None => metrics::SharedString::const_str("none"),
+        };
+        let route_label = metrics::SharedString::const_str(route.as_str());
+        let counter = |outcome: &'static str| {
+            metrics::counter!(
+                QUERIES_METRIC,
+                "op" => op.label(),
+                "route" => route_label.clone(),
+                "node" => node_label.clone(),
+                "outcome" => outcome
+            )
+        };
+        let series = CallSeries {
+            ok: counter("ok"),
+            error: counter("error"),
+            unknown: counter("unknown"),
+            duration: metrics::histogram!(
+                QUERY_DURATION_METRIC,
+                "op" => op.label(),
+                "route" => route_label.clone(),
+                "node" => node_label.clone()
+            ),
+        };
+        record(&series);
+        let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() < SERIES_PER_SHARD {
+            map.entry(key).or_insert(series);
+        }
     }
 }

@@ -23,7 +23,7 @@ impl Cluster {
         let started = Instant::now();
         let rules = CallRules::new(Shape::Checkout, &op, None);
         let result = self
-            .with_retries(&op, rules, |_| async {
+            .with_retries(&op, rules, started, |_| async {
                 let node = self.route(route).clone();
                 match self.checkout(&node, &op).await {
                     Ok(conn) => Ok((conn, node)),
@@ -32,7 +32,7 @@ impl Cluster {
             })
             .await;
         let (conn, node) = self.finish(&op, route, started, result)?;
-        Ok(self.connection_for(conn, node, op, Record::nested(), route))
+        Ok(self.connection_for(conn, node, op, record::current(), route))
     }
 
     fn connection_for(
@@ -40,7 +40,7 @@ impl Cluster {
         conn: PooledConnection,
         node: Node,
         op: Op,
-        record: Arc<Record>,
+        record: Option<Arc<Record>>,
         route: Route,
     ) -> Connection {
         Connection {
@@ -111,14 +111,19 @@ impl Cluster {
         let rules = CallRules::new(Shape::Closure, &op, Some(&*record));
         let work = tokio::sync::Mutex::new(work);
         let result = self
-            .with_retries(&op, rules, |_| async {
+            .with_retries(&op, rules, started, |_| async {
                 let node = self.route(route).clone();
                 let conn = match self.checkout(&node, &op).await {
                     Ok(conn) => conn,
                     Err(e) => return Err(Failed(e, Some(node))),
                 };
-                let mut conn =
-                    self.connection_for(conn, node.clone(), op.clone(), Arc::clone(&record), route);
+                let mut conn = self.connection_for(
+                    conn,
+                    node.clone(),
+                    op.clone(),
+                    Some(Arc::clone(&record)),
+                    route,
+                );
                 let mut work = work.lock().await;
                 let result = record::scope(Arc::clone(&record), (*work)(&mut conn)).await;
                 drop(conn);

@@ -32,10 +32,7 @@ use crate::record::{self, Effect, Enclosing, Record};
 use crate::route::{Op, Route, WalPosition};
 use crate::sqlcheck;
 use crate::statements;
-use crate::stats::{
-    ClusterMetrics, Counters, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,
-    SLOW_QUERIES_METRIC,
-};
+use crate::stats::{ClusterMetrics, Counters, FAILOVERS_METRIC, NodeMetrics, SLOW_QUERIES_METRIC};
 
 mod builder;
 mod closure;

@@ -192,6 +192,7 @@ impl Cluster {
         &self,
         op: &Op,
         mut rules: CallRules<'_>,
+        started: Instant,
         mut attempt: F,
     ) -> Attempt<T>
     where
@@ -205,7 +206,7 @@ impl Cluster {
         let deadline = op
             .retry_deadline_override()
             .or_else(|| self.inner.retry.deadline());
-        rules.give_up_at = deadline.map(|d| Instant::now() + d);
+        rules.give_up_at = deadline.map(|d| started + d);
         let result = self
             .inner
             .retry
@@ -248,32 +249,20 @@ impl Cluster {
                 }
             }
         };
-        let node_label = match node {
-            Some(node) => {
-                node.inner.queries.fetch_add(1, Ordering::Relaxed);
-                if outcome != "ok" {
-                    node.inner.failures.fetch_add(1, Ordering::Relaxed);
-                }
-                node_label(node)
+        if let Some(node) = node {
+            node.inner.queries.fetch_add(1, Ordering::Relaxed);
+            if outcome != "ok" {
+                node.inner.failures.fetch_add(1, Ordering::Relaxed);
             }
-            None => SharedString::const_str("none"),
-        };
-        let route_label = SharedString::const_str(route.as_str());
-        metrics::counter!(
-            QUERIES_METRIC,
-            "op" => op.label(),
-            "route" => route_label.clone(),
-            "node" => node_label.clone(),
-            "outcome" => outcome
-        )
-        .increment(1);
-        metrics::histogram!(
-            QUERY_DURATION_METRIC,
-            "op" => op.label(),
-            "route" => route_label,
-            "node" => node_label
-        )
-        .record(elapsed.as_secs_f64());
+        }
+        // The series' handles are resolved once per (op, route, node).
+        counters.series.record(
+            op,
+            route,
+            node.map(|n| (n.inner.index, n.name_arc())),
+            outcome,
+            elapsed,
+        );
         result.map_err(|(e, _)| e)
     }
 }

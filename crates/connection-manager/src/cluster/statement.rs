@@ -217,8 +217,8 @@ impl Cluster {
                     };
                     let rules = CallRules::new(Shape::Statement { writes }, op, None);
                     let enclosing = Enclosing::find();
-                    self.with_retries(op, rules, |attempt| {
-                        self.statement_attempt(statement, attempt, &enclosing)
+                    self.with_retries(op, rules, started, |attempt| {
+                        self.statement_attempt(statement, attempt, started, &enclosing)
                     })
                     .await
                 }
@@ -233,6 +233,7 @@ impl Cluster {
         &self,
         statement: Statement<'_>,
         attempt: u32,
+        call_started: Instant,
         enclosing: &Enclosing,
     ) -> Tried<Done> {
         let Statement {
@@ -244,7 +245,12 @@ impl Cluster {
         } = statement;
         let node = self.route(route).clone();
         record_attempt(&node, attempt);
-        let started = Instant::now();
+        // The first attempt starts with the call: one clock read fewer.
+        let started = if attempt == 1 {
+            call_started
+        } else {
+            Instant::now()
+        };
         let sent = enclosing.sending(statement.writes);
         let lanes = &node.inner.lanes;
         let busy_after = lanes.busy_after();
@@ -256,7 +262,7 @@ impl Cluster {
             Pick::Busy
         };
         let result = match pick {
-            Pick::Lane(place) => self.on_lane(&node, place, statement).await,
+            Pick::Lane(place) => self.on_lane(&node, place, statement, started).await,
             Pick::Open(slot) => {
                 let queued_failure = || Error::Unavailable {
                     node: Arc::clone(node.name_arc()),
@@ -269,7 +275,7 @@ impl Cluster {
                     .await
                 {
                     Ok(lane) => match lanes.reserve(&lane, Instant::now(), known_short) {
-                        Some(place) => self.on_lane(&node, place, statement).await,
+                        Some(place) => self.on_lane(&node, place, statement, Instant::now()).await,
                         // Taken by another statement in the meantime.
                         None => self.on_own(&node, statement).await,
                     },
@@ -305,6 +311,7 @@ impl Cluster {
         node: &Node,
         place: Reserved,
         statement: Statement<'_>,
+        started: Instant,
     ) -> Result<Done, Error> {
         let lanes = &node.inner.lanes;
         let lane = &Arc::clone(&place.lane);
@@ -316,12 +323,15 @@ impl Cluster {
             armed: true,
         };
         let limit = self.inner.settings.round_trip;
+        // One deadline for the statement's round trips (no clock read each).
+        let deadline = limit.map(|l| started + l);
         let result = async {
             // Parse once per connection, apart: the time the statement takes
             // is its execution, not its first preparation.
-            match self.prepare(&lane.conn, node, statement).await? {
+            match self.prepare(&lane.conn, node, statement, deadline).await? {
                 Some(prepared) => {
-                    conn::bounded!(
+                    conn::bounded_at!(
+                        deadline,
                         limit,
                         node,
                         statement.op,
@@ -335,7 +345,8 @@ impl Cluster {
                         )
                     )
                 }
-                None => conn::bounded!(
+                None => conn::bounded_at!(
+                    deadline,
                     limit,
                     node,
                     statement.op,
@@ -389,10 +400,12 @@ impl Cluster {
     async fn on_own(&self, node: &Node, statement: Statement<'_>) -> Result<Done, Error> {
         let conn = self.checkout(node, statement.op).await?;
         let limit = self.inner.settings.round_trip;
-        let prepared = self.prepare(&conn, node, statement).await?;
+        let deadline = limit.map(|l| Instant::now() + l);
+        let prepared = self.prepare(&conn, node, statement, deadline).await?;
         let sent_at = Instant::now();
         let got = match prepared {
-            Some(prepared) => conn::bounded!(
+            Some(prepared) => conn::bounded_at!(
+                deadline,
                 limit,
                 node,
                 statement.op,
@@ -405,7 +418,8 @@ impl Cluster {
                     statement.op.name()
                 )
             ),
-            None => conn::bounded!(
+            None => conn::bounded_at!(
+                deadline,
                 limit,
                 node,
                 statement.op,
@@ -443,6 +457,7 @@ impl Cluster {
         conn: &PooledConnection,
         node: &Node,
         statement: Statement<'_>,
+        deadline: Option<Instant>,
     ) -> Result<Option<tokio_postgres::Statement>, Error> {
         if !self.inner.settings.prepared {
             return Ok(None);
@@ -452,7 +467,8 @@ impl Cluster {
                 .await
                 .map_err(|e| Error::from_postgres(e, node.name_arc(), statement.op.name(), false))
         };
-        conn::bounded!(self.inner.settings.round_trip, node, statement.op, prepare).map(Some)
+        let limit = self.inner.settings.round_trip;
+        conn::bounded_at!(deadline, limit, node, statement.op, prepare).map(Some)
     }
 
     /// What a failed attempt means for routing: a node failure sets the

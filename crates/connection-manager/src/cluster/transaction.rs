@@ -87,7 +87,7 @@ impl Cluster {
             let rules = CallRules::new(Shape::Transaction, &op, Some(&*record));
             let work = tokio::sync::Mutex::new(work);
             let result = self
-                .with_retries(&op, rules, |attempt| {
+                .with_retries(&op, rules, started, |attempt| {
                     let (work, op, record) = (&work, &op, &record);
                     async move {
                         let mut work = work.lock().await;
