@@ -174,7 +174,7 @@ impl Ids {
         Ids(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    fn next(&mut self, rows: i64) -> i64 {
+    pub(crate) fn next(&mut self, rows: i64) -> i64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;

@@ -12,7 +12,11 @@
 //! 3. the resilience wrappers' overhead, from criterion's output;
 //! 4. an unreachable database (a black-holing proxy);
 //! 5. recovery after the server is killed and restarted under load;
-//! 6. applying 1,000 generated migrations.
+//! 6. applying 1,000 generated migrations;
+//! 7. mixed load: 64 tasks of `SELECT 1` beside 2 tasks of a 50 ms query;
+//! 8. read-write transactions of three statements.
+//!
+//! pgbench runs beside the libraries in case 2, as the floor.
 //!
 //! Every measurement is repeated (5 times by default) and the medians are
 //! reported, with pgstack's ratio to each peer, as JSON
@@ -32,9 +36,12 @@ mod criterion;
 mod libs;
 mod load;
 mod migrations;
+mod mixed;
+mod pgbench;
 mod recovery;
 mod report;
 mod statements;
+mod transactions;
 mod unreachable;
 
 /// pgstack side by side with its peers.
@@ -44,8 +51,8 @@ struct Args {
     /// A short run: shorter windows and caps, 200 migrations instead of 1,000.
     #[arg(long)]
     quick: bool,
-    /// Which cases to run (comma-separated numbers, 1 to 6).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    /// Which cases to run (comma-separated numbers, 1 to 8).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
     cases: Vec<u8>,
     /// Repetitions of each measurement (the medians are reported).
     #[arg(long, default_value_t = 5)]
@@ -179,7 +186,9 @@ async fn run(
             4 => unreachable::run(&ctx).await,
             5 => recovery::run(&ctx).await,
             6 => migrations::run(&ctx).await,
-            other => Err(anyhow::anyhow!("there is no case {other} (1 to 6)")),
+            7 => mixed::run(&ctx).await,
+            8 => transactions::run(&ctx).await,
+            other => Err(anyhow::anyhow!("there is no case {other} (1 to 8)")),
         }
         .with_context(|| format!("case {case}"))?;
         say(format!(

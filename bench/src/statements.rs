@@ -10,7 +10,10 @@ use crate::load::{self, Sample};
 use crate::report::{Better, Entry, Medians};
 
 const POOL: u32 = 16;
-const TASKS: &[usize] = &[1, 16, 64];
+const TASKS: &[usize] = &[1, 16, 64, 256];
+/// One connection per task: raw tokio-postgres and pgbench stop here (the
+/// server's `max_connections` is 300, and the pools hold theirs).
+const ONE_CONNECTION_PER_TASK_MAX: usize = 64;
 
 pub(crate) enum Lib {
     Pgstack(pgstack::Database),
@@ -101,6 +104,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
         Lib::Sqlx(libs::sqlx(&ctx.url, POOL).await?),
     ];
     let queries = [Query::Select1, Query::Lookup { rows: ctx.rows }];
+    crate::pgbench::setup(ctx).await?;
     // Warm every pool and statement cache.
     for q in queries {
         for lib in &libs {
@@ -112,8 +116,12 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
         for &tasks in TASKS {
             let mut medians: Vec<Medians> = libs.iter().map(|_| Medians::default()).collect();
             let mut first_errors: Vec<Option<String>> = libs.iter().map(|_| None).collect();
+            let mut floor = Medians::default();
             for _ in 0..ctx.repeats {
                 for (i, lib) in libs.iter().enumerate() {
+                    if tasks > ONE_CONNECTION_PER_TASK_MAX && matches!(lib, Lib::Raw(_)) {
+                        continue;
+                    }
                     let sample = lib.measure(q, tasks, ctx.window).await?;
                     medians[i].push("ops_per_s", 0, sample.ops_per_s());
                     medians[i].push("p50_us", 1, sample.quantile_us(0.50));
@@ -122,6 +130,11 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                     if first_errors[i].is_none() {
                         first_errors[i] = sample.first_error;
                     }
+                }
+                if tasks <= ONE_CONNECTION_PER_TASK_MAX {
+                    let run = crate::pgbench::run(ctx, q, tasks, ctx.window).await?;
+                    floor.push("ops_per_s", 0, run.tps);
+                    floor.push("latency_avg_us", 1, run.latency_avg_us);
                 }
             }
             let mut entry = Entry::new("2. statements")
@@ -132,8 +145,12 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                 .column("ops_per_s", "statements/s")
                 .column("p50_us", "p50 µs")
                 .column("p99_us", "p99 µs")
+                .column("latency_avg_us", "mean µs")
                 .column("errors", "errors")
                 .headline("ops_per_s", Better::Higher);
+            if tasks <= ONE_CONNECTION_PER_TASK_MAX {
+                entry.result("pgbench (floor)", floor.into_map());
+            }
             for ((lib, m), first_error) in libs.iter().zip(medians).zip(first_errors) {
                 let mut m = m;
                 if let Some(e) = first_error {
@@ -153,7 +170,10 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
              bb8-postgres: `get()` then `query_one(sql)` (tokio-postgres prepares a text \
              statement on every call; bb8 pings on every checkout). deadpool-postgres: `get()` \
              then `prepare_cached`. sqlx: `query(sql).fetch_one(&pool)` (statement cache on, \
-             ping on every acquire). Pools hold 16 connections.",
+             ping on every acquire). Pools hold 16 connections. pgbench (floor): `-M prepared \
+             -j 2`, one connection per client, `SELECT 1` from a script file, and `-S` (its own \
+             lookup by key, scale 1) beside \"bill by id\"; it and tokio-postgres stop at 64 \
+             tasks (one connection each).",
         );
     }
     let _ = db.shutdown(Duration::from_secs(2)).await;

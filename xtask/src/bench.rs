@@ -22,7 +22,8 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Which cases to run, comma-separated (1 checkout, 2 statements,
-    /// 3 resilience overhead, 4 unreachable, 5 recovery, 6 migrations).
+    /// 3 resilience overhead, 4 unreachable, 5 recovery, 6 migrations,
+    /// 7 mixed load, 8 transactions).
     #[arg(long)]
     cases: Option<String>,
     /// Repetitions of each measurement (default 5; medians are reported).
