@@ -21,21 +21,36 @@ async fn close_waits_for_the_probe_of_a_failed_node_and_counts_nothing_in_use() 
     let mut config = common::config(&proxy.url(db.name()));
     config.pool.min_idle = 2;
     let cluster = Cluster::connect(&config).await.unwrap();
-    // The statement opens a shared connection; the others stay idle.
-    let marker = "SELECT 'close-test-lane'";
-    for _ in 0..3 {
-        cluster
-            .query_one("warm", Route::Read, marker, &[])
-            .await
-            .unwrap();
+
+    // A call whose statement is running when its server process is
+    // terminated fails (at once: its deadline allows no retry), and the node
+    // is probed in the background on an idle connection of the pool, whose
+    // role check by then takes 400 ms each way. (Terminating a connection
+    // between calls would not do: the client may notice the close first and
+    // the next call take a fresh connection, which is correct behaviour.)
+    let marker = "SELECT pg_sleep(30), 'close-test-victim'";
+    let call = {
+        let cluster = cluster.clone();
+        let impatient = Op::from("fails").retry_deadline(Duration::from_millis(1));
+        tokio::spawn(async move { cluster.query_one(impatient, Route::Read, marker, &[]).await })
+    };
+    let admin = db.client().await.unwrap();
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND query = $1 AND state = 'active'";
+    let waited = tokio::time::Instant::now();
+    loop {
+        let count: i64 = admin.query_one(running, &[&marker]).await.unwrap().get(0);
+        if count == 1 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the statement never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(cluster.primary().pool().status().idle >= 1);
-
-    // The shared connection's server process goes away; a call on it fails
-    // (at once: its deadline allows no retry) and the node is probed in the
-    // background, on an idle connection of the pool, whose role check now
-    // takes 400 ms each way.
-    let admin = db.client().await.unwrap();
+    proxy.set_mode(ProxyMode::Latency(Duration::from_millis(400)));
     let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -45,10 +60,8 @@ async fn close_waits_for_the_probe_of_a_failed_node_and_counts_nothing_in_use() 
         .await
         .unwrap()
         .get(0);
-    assert!(killed >= 1, "the shared connection ran the marker");
-    proxy.set_mode(ProxyMode::Latency(Duration::from_millis(400)));
-    let impatient = Op::from("fails").retry_deadline(Duration::from_millis(1));
-    let failed = cluster.query_one(impatient, Route::Read, marker, &[]).await;
+    assert_eq!(killed, 1);
+    let failed = call.await.unwrap();
     assert!(failed.is_err(), "{failed:?}");
     assert!(cluster.primary().is_suspect(), "a probe runs");
     // Its first round starts 25 ms after the failure and holds a connection
