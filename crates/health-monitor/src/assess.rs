@@ -83,8 +83,8 @@ pub(crate) fn assess_node(
             ),
         ));
     }
-    if let Some(state) = &node.breaker
-        && (state == "open" || state == "forced open")
+    if let Some(state) = node.breaker
+        && !state.allows_calls()
     {
         reasons.push(reason(
             ReasonKind::BreakerOpen,
@@ -135,6 +135,8 @@ pub(crate) fn assess_cluster(nodes: &[NodeHealth]) -> (HealthStatus, Vec<Reason>
 mod tests {
     use std::time::Duration;
 
+    use pgstack_resilience::BreakerState;
+
     use crate::report::testing::{down, node, report};
     use crate::report::{HealthStatus, ReasonKind};
 
@@ -176,7 +178,7 @@ mod tests {
         let mut crowded = node("replica-4", false);
         crowded.server_connections = Some(88); // of 97 usable
         let mut broken = node("replica-5", false);
-        broken.breaker = Some("open".to_owned());
+        broken.breaker = Some(BreakerState::Open);
         let mut writable = node("replica-6", false);
         writable.observed_role = Some(pgstack_connection::Role::Primary);
         let mut ejected = node("replica-7", false);
@@ -210,7 +212,7 @@ mod tests {
     #[test]
     fn a_half_open_breaker_and_lag_within_the_limit_are_healthy() {
         let mut n = node("replica-1", false);
-        n.breaker = Some("half-open".to_owned());
+        n.breaker = Some(BreakerState::HalfOpen);
         n.replica_lag = Some(Duration::from_secs(10)); // the limit itself
         n.server_connections = Some(87); // below 90 % of 97
         let r = report(vec![node("primary", true), n]);

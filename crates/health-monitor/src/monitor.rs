@@ -762,7 +762,7 @@ impl Runner {
             max_connections: probed.as_ref().and_then(|p| p.max_connections),
             reserved_connections: probed.as_ref().and_then(|p| p.reserved_connections),
             pool: figures,
-            breaker: node.circuit_breaker().map(|b| b.state().to_string()),
+            breaker: node.circuit_breaker().map(|b| b.state()),
             breaker_probe_requested,
         };
         let (status, reasons) = assess_node(&health, settings, thresholds);

@@ -104,15 +104,12 @@ fn node_advice(
             thresholds.latency_p99.as_secs_f64() * 1e3
         ));
     }
-    if node
-        .breaker
-        .as_deref()
-        .is_some_and(|b| b.contains("open") && b != "half-open")
+    if let Some(state) = node.breaker
+        && !state.allows_calls()
     {
         other.push(format!(
-            "circuit breaker of {name} is {}: calls fail fast although the node answers \
-             probes; it will be probed again shortly",
-            node.breaker.as_deref().unwrap_or_default()
+            "circuit breaker of {name} is {state}: calls fail fast although the node answers \
+             probes; it will be probed again shortly"
         ));
     }
     if node.pool.new_connect_error {

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use pgstack_connection::{Role, WalPosition};
+use pgstack_resilience::BreakerState;
 use serde::Serialize;
 
 use crate::alert::ActiveAlert;
@@ -190,8 +191,10 @@ pub struct NodeHealth {
     pub reserved_connections: Option<u32>,
     /// The node's pool.
     pub pool: PoolFigures,
-    /// The node's circuit breaker state (`closed`, `open`, `half-open`, ...).
-    pub breaker: Option<String>,
+    /// The node's circuit breaker state, if it has one (serialized as
+    /// `closed`, `open`, `half-open`, `forced open`, `forced closed`).
+    #[serde(serialize_with = "crate::ser::opt_display")]
+    pub breaker: Option<BreakerState>,
     /// Whether this round's probe moved an open breaker to half-open.
     pub breaker_probe_requested: bool,
 }
@@ -308,7 +311,7 @@ pub(crate) mod testing {
                 max_size: 10,
                 ..PoolFigures::default()
             },
-            breaker: Some("closed".to_owned()),
+            breaker: Some(BreakerState::Closed),
             breaker_probe_requested: false,
         }
     }

@@ -324,7 +324,10 @@ async fn a_node_that_answers_moves_its_open_breaker_to_half_open() {
     let report = monitor.check_now().await.unwrap();
     let node = report.node("primary").unwrap();
     assert!(node.breaker_probe_requested);
-    assert_eq!(node.breaker.as_deref(), Some("half-open"));
+    assert_eq!(
+        node.breaker,
+        Some(pgstack_resilience::BreakerState::HalfOpen)
+    );
     assert!(breaker.state().allows_calls());
     // No waiting out the 10-minute open duration: a call goes through now.
     cluster
