@@ -105,6 +105,7 @@ pub(crate) struct Counters {
     pub(crate) slow: AtomicU64,
     pub(crate) primary_changes: AtomicU64,
     pub(crate) lanes_busy: AtomicU64,
+    pub(crate) long_statements: AtomicU64,
     pub(crate) latency: Histogram,
     pub(crate) series: SeriesCache,
 }
@@ -119,6 +120,7 @@ impl Counters {
             slow: AtomicU64::new(0),
             primary_changes: AtomicU64::new(0),
             lanes_busy: AtomicU64::new(0),
+            long_statements: AtomicU64::new(0),
             latency: Histogram::new(),
             series: SeriesCache::new(),
         }
@@ -145,6 +147,10 @@ pub struct ClusterMetrics {
     /// shared connection busy (stuck behind a long statement, or carrying one
     /// of unknown length) and took a connection of their own.
     pub lanes_busy: u64,
+    /// Statements that could have shared a connection but usually take
+    /// longer than ten times the busy threshold (as learned from their
+    /// earlier runs), so each took a connection of its own.
+    pub long_statements: u64,
     /// Median call duration (within 12.5 %).
     #[serde(with = "opt_secs")]
     pub latency_p50: Option<Duration>,

@@ -254,6 +254,7 @@ impl Cluster {
             slow_queries: c.slow.load(Ordering::Relaxed),
             primary_changes: c.primary_changes.load(Ordering::Relaxed),
             lanes_busy: c.lanes_busy.load(Ordering::Relaxed),
+            long_statements: c.long_statements.load(Ordering::Relaxed),
             latency_p50: c.latency.quantile(0.50),
             latency_p99: c.latency.quantile(0.99),
             nodes: self

@@ -259,6 +259,13 @@ impl Cluster {
         let pick = if shared {
             lanes.pick(started, known_short)
         } else {
+            if lanes.enabled() && statement.profile.class.is_shareable() {
+                // It could share, but it usually takes long.
+                self.inner
+                    .counters
+                    .long_statements
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Pick::Busy
         };
         let result = match pick {
@@ -277,7 +284,13 @@ impl Cluster {
                     Ok(lane) => match lanes.reserve(&lane, Instant::now(), known_short) {
                         Some(place) => self.on_lane(&node, place, statement, Instant::now()).await,
                         // Taken by another statement in the meantime.
-                        None => self.on_own(&node, statement).await,
+                        None => {
+                            self.inner
+                                .counters
+                                .lanes_busy
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.on_own(&node, statement).await
+                        }
                     },
                     Err(e) => Err(e),
                 }
