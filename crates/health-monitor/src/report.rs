@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use pgstack_connection::{Role, WalPosition};
-use pgstack_resilience::BreakerState;
+use pgstack_connection::BreakerState;
 use serde::Serialize;
 
 use crate::alert::ActiveAlert;
