@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use pgstack_connection::{Cluster, Error, IsolationLevel, Route, TransactionOptions};
 use pgstack_tests::{ChaosProxy, ProxyMode, TestCluster, TestDb};
-use rand::Rng;
 
 #[derive(Debug, Default)]
 struct Tally {
@@ -314,20 +313,19 @@ async fn idempotent_writes_are_retried_through_resets() {
     let mut config = common::config(&proxy.url(db.name()));
     config.retry.max_attempts = 20;
     let cluster = Cluster::connect(&config).await.unwrap();
+    // Resets every 10-60 ms, but never before 10 writes have ended since
+    // the last one: paced by time alone, a saturated machine (3 CPU hogs on
+    // 2 cores) made some write meet a reset on each of its 20 attempts.
     let stop = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(AtomicU64::new(0));
     let chaos = {
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Acquire) {
-                let pause = rand::rng().random_range(20..80);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                proxy.reset_all();
-            }
-        })
+        let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
+        tokio::spawn(async move { proxy.keep_resetting(&stop, &ended, 10).await })
     };
     let mut tasks = Vec::new();
     for task in 0..10_i64 {
         let cluster = cluster.clone();
+        let ended = Arc::clone(&ended);
         tasks.push(tokio::spawn(async move {
             for i in 0..100_i64 {
                 let id = task * 100 + i;
@@ -341,6 +339,7 @@ async fn idempotent_writes_are_retried_through_resets() {
                     )
                     .await
                     .unwrap_or_else(|e| panic!("idempotent write {id} failed: {e}"));
+                ended.fetch_add(1, Ordering::Release);
             }
         }));
     }
@@ -348,7 +347,8 @@ async fn idempotent_writes_are_retried_through_resets() {
         task.await.unwrap();
     }
     stop.store(true, Ordering::Release);
-    chaos.await.unwrap();
+    let resets = chaos.await.unwrap();
+    assert!(resets > 10, "{resets} resets");
     let rows: i64 = db
         .client()
         .await
