@@ -15,6 +15,8 @@
 //!   instance reports who holds it and gives up after the lock timeout;
 //! - each migration and its bookkeeping row in **one transaction**, files
 //!   starting with `-- no-transaction` outside one (still under the lock);
+//! - a **linter** for lock hazards ([`Migrations::lint`], [`lint_sql`]), with
+//!   `-- pgstack:allow RULE` comments;
 //! - **failures** that name the file and the line of the failing statement;
 //! - **checksums** that ignore CRLF vs LF;
 //! - **progress** events and an after-schema-change hook.
@@ -49,14 +51,17 @@
 
 mod checksum;
 mod error;
+mod lint;
 mod lock;
 mod metadata;
 mod migrator;
 mod progress;
+mod scan;
 mod source;
 mod status;
 
 pub use crate::error::{Direction, Error, MigrationFailure, Result};
+pub use crate::lint::{ALLOW_MARKER, Finding, LintReport, Rule, Severity, lint_sql};
 pub use crate::lock::LockHolder;
 pub use crate::metadata::{ENVIRONMENT_KEY, METADATA_TABLE_SQL};
 pub use crate::migrator::{DownTarget, MIGRATIONS_TABLE, Migrator, Operation, UpTarget};
