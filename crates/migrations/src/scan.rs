@@ -4,7 +4,9 @@
 //! comments, quoted identifiers) is the same one pgstack-pool classifies
 //! statements with, so keywords inside strings, comments, dollar-quoted
 //! bodies and quoted identifiers never count. The linter reads the
-//! statements.
+//! statements; the migrator asks what a `-- no-transaction` script is made of
+//! (whether a lock timeout can have left anything behind, which indexes it
+//! builds concurrently).
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer, Whitespace, Word};
@@ -261,6 +263,73 @@ pub(crate) fn ident(word: &Word) -> String {
     }
 }
 
+/// What a `-- no-transaction` script is made of, for the migrator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Shape {
+    /// Every statement is a `CONCURRENTLY` index or partition operation
+    /// (which waits for other transactions by design and queues no reader
+    /// or writer behind it).
+    pub(crate) only_concurrently: bool,
+    /// PostgreSQL runs the script all-or-nothing: no transaction control,
+    /// and nothing that commits on its own (`CONCURRENTLY`, `VACUUM`,
+    /// `CALL`, `DO`, `CLUSTER`, `REINDEX SCHEMA|DATABASE|SYSTEM`). A failure
+    /// then leaves nothing behind.
+    pub(crate) atomic: bool,
+    /// Indexes built with `CREATE INDEX CONCURRENTLY`: `(schema, name)`.
+    pub(crate) concurrent_indexes: Vec<(Option<String>, String)>,
+}
+
+/// Reads the shape of `sql`. Text that cannot be read is neither atomic nor
+/// only concurrent.
+pub(crate) fn shape(sql: &str) -> Shape {
+    let Ok(statements) = statements(sql) else {
+        return Shape::default();
+    };
+    let mut shape = Shape {
+        only_concurrently: !statements.is_empty(),
+        atomic: true,
+        concurrent_indexes: Vec::new(),
+    };
+    for s in &statements {
+        let concurrent = concurrent_operation(s).is_some();
+        shape.only_concurrently &= concurrent;
+        if concurrent || commits_on_its_own(s) {
+            shape.atomic = false;
+        }
+        if let Some(index) = created_index(s)
+            && index.concurrently
+            && let Some(name) = index.name
+        {
+            shape.concurrent_indexes.push((name.schema, name.name));
+        }
+    }
+    shape
+}
+
+fn commits_on_its_own(s: &Statement) -> bool {
+    let first = [
+        "BEGIN",
+        "START",
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "SAVEPOINT",
+        "RELEASE",
+    ];
+    if first.iter().any(|k| s.kw(0, k)) {
+        return true;
+    }
+    if ["VACUUM", "CALL", "DO", "CLUSTER"]
+        .iter()
+        .any(|k| s.kw(0, k))
+    {
+        return true;
+    }
+    (s.kw(0, "PREPARE") && s.kw(1, "TRANSACTION"))
+        || (s.kw(0, "REINDEX") && ["SCHEMA", "DATABASE", "SYSTEM"].iter().any(|k| s.has_kw(k)))
+}
+
 /// For a statement that must run outside a transaction because of
 /// `CONCURRENTLY`, what it is (`"CREATE INDEX CONCURRENTLY"`).
 pub(crate) fn concurrent_operation(s: &Statement) -> Option<&'static str> {
@@ -384,6 +453,7 @@ mod tests {
     fn unterminated_text_is_an_error_with_a_line() {
         let err = statements("SELECT 1;\nSELECT 'oops").unwrap_err();
         assert_eq!(err.line, 2);
+        assert!(shape("SELECT 'oops") == Shape::default());
     }
 
     #[test]
@@ -393,5 +463,32 @@ mod tests {
         assert_eq!(name.schema.as_deref(), Some("public"));
         assert_eq!(name.name, "Bills");
         assert_eq!(name.display(), "public.Bills");
+    }
+
+    #[test]
+    fn shapes_of_no_transaction_scripts() {
+        let cic = shape(
+            "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS s.i ON t (x);",
+        );
+        assert!(cic.only_concurrently && !cic.atomic);
+        assert_eq!(
+            cic.concurrent_indexes,
+            vec![(Some("s".to_owned()), "i".to_owned())]
+        );
+        let plain = shape("ALTER TABLE t ADD c int; UPDATE t SET c = 1;");
+        assert!(plain.atomic && !plain.only_concurrently);
+        for not_atomic in [
+            "BEGIN; ALTER TABLE t ADD c int; COMMIT;",
+            "VACUUM t",
+            "CALL backfill()",
+            "DO $$ BEGIN COMMIT; END $$",
+            "REINDEX DATABASE app",
+            "DROP INDEX CONCURRENTLY i",
+        ] {
+            assert!(!shape(not_atomic).atomic, "{not_atomic}");
+        }
+        // keywords in strings, comments and quoted names do not count
+        let quoted = shape("INSERT INTO log VALUES ('COMMIT; VACUUM'); /* BEGIN */ SELECT \"do\"");
+        assert!(quoted.atomic);
     }
 }
