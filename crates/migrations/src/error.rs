@@ -242,7 +242,15 @@ pub enum Error {
     file.display(),
     match line { Some(l) => format!(", line {l}"), None => String::new() },
     match code { Some(c) => format!(" (SQLSTATE {c})"), None => String::new() },
-    if *dirty {
+    if *dirty && !invalid_indexes.is_empty() {
+        format!(
+            "it ran outside a transaction and left the INVALID index {} behind, so version \
+             {version} is now marked failed; fix the cause (the file, or the data), then \
+             `migrate forget-failed {version}` drops the invalid index and clears the mark, and \
+             run again",
+            invalid_indexes.join(", ")
+        )
+    } else if *dirty {
         format!(
             "it ran outside a transaction and may have left changes behind, so version {version} \
              is now marked failed; check what it left (e.g. an INVALID index from CREATE INDEX \
@@ -272,6 +280,9 @@ pub struct MigrationFailure {
     pub no_transaction: bool,
     /// True when the migration ran outside a transaction and is marked failed.
     pub dirty: bool,
+    /// The INVALID indexes a failed `CREATE INDEX CONCURRENTLY` of this
+    /// migration left behind (`schema.name`).
+    pub invalid_indexes: Vec<String>,
     /// The driver's error.
     #[source]
     pub source: sqlx::Error,

@@ -21,8 +21,11 @@
 //!   queue for longer; one that gives up (`55P03`) is rolled back and retried
 //!   with backoff ([`Event::LockNotAvailable`]), and
 //!   [`Error::LockNotAvailable`] names the lock and who held it;
-//! - a **linter** for lock hazards ([`Migrations::lint`], [`lint_sql`]), with
+//! - a **linter** for lock hazards ([`Migrations::lint`], [`Migrator::lint`],
+//!   [`lint_sql`]; findings also in `validate` and the dry run), with
 //!   `-- pgstack:allow RULE` comments;
+//! - **INVALID indexes** left by a failed concurrent build, shown by `status`
+//!   and dropped by [`Migrator::repair_failed`];
 //! - **failures** that name the file and the line of the failing statement;
 //! - **checksums** that ignore CRLF vs LF;
 //! - **progress** events and an after-schema-change hook.
@@ -58,6 +61,7 @@
 
 mod checksum;
 mod error;
+mod invalid;
 mod lint;
 mod lock;
 mod lockwait;
@@ -69,11 +73,12 @@ mod source;
 mod status;
 
 pub use crate::error::{Direction, Error, LockFailure, MigrationFailure, Result};
+pub use crate::invalid::InvalidIndex;
 pub use crate::lint::{ALLOW_MARKER, Finding, LintReport, Rule, Severity, lint_sql};
 pub use crate::lock::LockHolder;
 pub use crate::lockwait::{Blocker, LockConflict};
 pub use crate::metadata::{ENVIRONMENT_KEY, METADATA_TABLE_SQL};
-pub use crate::migrator::{DownTarget, MIGRATIONS_TABLE, Migrator, Operation, UpTarget};
+pub use crate::migrator::{DownTarget, MIGRATIONS_TABLE, Migrator, Operation, Repair, UpTarget};
 pub use crate::progress::Event;
 pub use crate::source::{
     LoadOptions, Migration, Migrations, NO_TRANSACTION_MARKER, NewMigration, SEQUENTIAL_LIMIT,

@@ -13,6 +13,8 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::error::{Direction, Error, LockFailure, MigrationFailure, Result, db, describe_failure};
+use crate::invalid::{self, InvalidIndex};
+use crate::lint::{self, LintReport};
 use crate::lock;
 use crate::lockwait::{self, LockConflict, Watch};
 use crate::metadata;
@@ -89,6 +91,17 @@ pub struct Migrator {
     observer: Observer,
     ignore_missing: bool,
     environment: Option<Environment>,
+}
+
+/// What [`Migrator::repair_failed`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Repair {
+    /// Whether a failed mark was removed (false: the version had none, and
+    /// nothing was done).
+    pub removed: bool,
+    /// The INVALID indexes the migration had built, now dropped.
+    pub dropped_indexes: Vec<InvalidIndex>,
 }
 
 impl fmt::Debug for Migrator {
@@ -284,20 +297,73 @@ impl Migrator {
     /// [`Error::Connect`], [`Error::Database`].
     pub async fn status(&self) -> Result<Status> {
         let mut conn = self.connect().await?;
-        let result = read_applied(&mut conn).await;
+        let result = async {
+            let (table_exists, applied) = read_applied(&mut conn).await?;
+            let invalid = invalid::list(&mut conn).await?;
+            Ok::<_, Error>((table_exists, applied, invalid))
+        }
+        .await;
         let _ = conn.close().await;
-        let (table_exists, applied) = result?;
-        Ok(compute_status(&self.migrations, &applied, table_exists))
+        let (table_exists, applied, invalid) = result?;
+        let mut status = compute_status(&self.migrations, &applied, table_exists);
+        status.invalid_indexes = self.attribute(invalid, &applied);
+        Ok(status)
     }
 
-    /// Compares applied checksums with the files. The report lists each
-    /// changed, missing or failed migration; [`Validation::into_result`]
-    /// turns it into an error for a non-zero exit.
+    /// Names the migration that builds each INVALID index, a failed one
+    /// first.
+    fn attribute(
+        &self,
+        mut indexes: Vec<InvalidIndex>,
+        applied: &BTreeMap<i64, AppliedRecord>,
+    ) -> Vec<InvalidIndex> {
+        for index in &mut indexes {
+            let builders: Vec<&Migration> = self
+                .migrations
+                .iter()
+                .filter(|m| invalid::built_by(index, m))
+                .collect();
+            let failed = builders
+                .iter()
+                .find(|m| applied.get(&m.version()).is_some_and(|r| !r.success));
+            index.version = failed.or(builders.first()).map(|m| m.version());
+        }
+        indexes
+    }
+
+    /// Compares applied checksums with the files, and lints the pending
+    /// migrations. The report lists each changed, missing or failed
+    /// migration, and the lint findings (warnings: they do not make it
+    /// fail); [`Validation::into_result`] turns problems into an error for
+    /// a non-zero exit.
     ///
     /// # Errors
     /// [`Error::Connect`], [`Error::Database`].
     pub async fn validate(&self) -> Result<Validation> {
-        Ok(self.status().await?.validation())
+        let status = self.status().await?;
+        let mut validation = status.validation();
+        let pending = status.in_state(MigrationState::Pending).map(|e| e.version);
+        let pending: Vec<&Migration> = pending.filter_map(|v| self.migrations.get(v)).collect();
+        validation.findings = lint::lint_migrations(pending).findings;
+        Ok(validation)
+    }
+
+    /// Lints the pending migrations (all of them on a database where none
+    /// is applied); [`Migrations::lint`] lints every file without a
+    /// database. Reads `_sqlx_migrations` only.
+    ///
+    /// # Errors
+    /// [`Error::Connect`], [`Error::Database`].
+    pub async fn lint(&self) -> Result<LintReport> {
+        let mut conn = self.connect().await?;
+        let result = read_applied(&mut conn).await;
+        let _ = conn.close().await;
+        let (_, applied) = result?;
+        Ok(lint::lint_migrations(
+            self.migrations
+                .iter()
+                .filter(|m| !applied.contains_key(&m.version())),
+        ))
     }
 
     /// The plan and the SQL of `up` or `down`, with nothing applied (a dry
@@ -315,6 +381,7 @@ impl Migrator {
             Operation::Up(target) => (Direction::Up, self.plan_up(&applied, target)?),
             Operation::Down(target) => (Direction::Down, self.plan_down(&applied, target)?),
         };
+        let mut findings = Vec::new();
         let steps = steps
             .into_iter()
             .filter_map(|m| {
@@ -322,6 +389,15 @@ impl Migrator {
                     Direction::Up => m.up(),
                     Direction::Down => m.down()?,
                 };
+                findings.extend(
+                    lint::lint_text(
+                        script.path(),
+                        Some(m.version()),
+                        script.sql(),
+                        script.no_transaction(),
+                    )
+                    .findings,
+                );
                 Some(PlannedStep {
                     version: m.version(),
                     description: m.description().to_owned(),
@@ -332,7 +408,7 @@ impl Migrator {
                 })
             })
             .collect();
-        Ok(Plan { steps })
+        Ok(Plan { steps, findings })
     }
 
     /// Applies pending migrations, each with its bookkeeping row in one
@@ -507,7 +583,8 @@ impl Migrator {
 
     /// Removes the "failed" mark a no-transaction migration left in
     /// `_sqlx_migrations`, once the database has been repaired by hand.
-    /// Returns whether a mark was removed.
+    /// Returns whether a mark was removed. [`Migrator::repair_failed`] also
+    /// drops the INVALID indexes the migration left.
     ///
     /// # Errors
     /// Lock, connection and database errors.
@@ -522,6 +599,54 @@ impl Migrator {
                     .await
                     .map_err(db("removing the failed mark"))?;
             Ok(done.rows_affected() > 0)
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    /// [`Migrator::forget_failed`] after dropping (`DROP INDEX CONCURRENTLY
+    /// IF EXISTS`) the INVALID indexes that the failed migration's `CREATE
+    /// INDEX CONCURRENTLY` left behind, so that running it again can build
+    /// them. Does nothing when `version` is not marked failed.
+    ///
+    /// # Errors
+    /// Lock, connection and database errors; an index that cannot be
+    /// dropped leaves the mark in place.
+    pub async fn repair_failed(&self, version: i64) -> Result<Repair> {
+        let mut session = self.locked().await?;
+        let result = async {
+            let conn = &mut session.conn;
+            ensure_table(conn).await?;
+            let marked: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1 AND NOT success)",
+            )
+            .bind(version)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db("looking for the failed mark"))?;
+            if !marked {
+                return Ok(Repair::default());
+            }
+            let mut dropped = Vec::new();
+            if let Some(m) = self.migrations.get(version) {
+                for mut index in invalid::list(conn).await? {
+                    if invalid::built_by(&index, m) {
+                        invalid::drop(conn, &index).await?;
+                        index.version = Some(version);
+                        dropped.push(index);
+                    }
+                }
+            }
+            sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1 AND NOT success")
+                .bind(version)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("removing the failed mark"))?;
+            Ok(Repair {
+                removed: true,
+                dropped_indexes: dropped,
+            })
         }
         .await;
         session.close().await;
@@ -762,7 +887,13 @@ impl Migrator {
                 continue;
             }
             let dirty = script.no_transaction() && mark_failed(conn, m, direction, &source).await;
-            return Err(failure(m, direction, script, source, dirty));
+            let left = match &shape {
+                Some(shape) if dirty && !shape.concurrent_indexes.is_empty() => {
+                    invalid_left_by(conn, m).await
+                }
+                _ => Vec::new(),
+            };
+            return Err(failure(m, direction, script, source, dirty, left));
         }
         let elapsed = start.elapsed();
         metrics::counter!("pgstack_migrations_applied_total", "direction" => direction.to_string())
@@ -891,11 +1022,13 @@ fn failure(
     script: &Script,
     source: sqlx::Error,
     dirty: bool,
+    invalid_indexes: Vec<String>,
 ) -> Error {
     let f = describe_failure(script.sql(), &source);
     tracing::error!(
         version = m.version(), %direction, file = %script.path().display(),
         line = ?f.line, code = ?f.code, message = %f.message, dirty,
+        invalid_indexes = ?invalid_indexes,
         "migration failed"
     );
     metrics::counter!("pgstack_migrations_failed_total", "direction" => direction.to_string())
@@ -909,8 +1042,25 @@ fn failure(
         code: f.code,
         no_transaction: script.no_transaction(),
         dirty,
+        invalid_indexes,
         source,
     }))
+}
+
+/// The INVALID indexes `m`'s concurrent index builds left (best effort:
+/// none when they cannot be looked up).
+async fn invalid_left_by(conn: &mut PgConnection, m: &Migration) -> Vec<String> {
+    match invalid::list(conn).await {
+        Ok(list) => list
+            .iter()
+            .filter(|i| invalid::built_by(i, m))
+            .map(InvalidIndex::qualified_name)
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not look for INVALID indexes");
+            Vec::new()
+        }
+    }
 }
 
 /// The connection that holds the lock.
@@ -1064,6 +1214,7 @@ fn compute_status(
     Status {
         entries: entries.into_values().collect(),
         table_exists,
+        invalid_indexes: Vec::new(),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Lock-safe migrations against a real PostgreSQL server (the test kit's
-//! `TestDb`): the lock wait and its retries.
+//! `TestDb`): the lock wait and its retries, what a failed concurrent index
+//! build leaves and how it is repaired, and the linter's findings in
+//! `validate`, `plan` and `lint`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::{applied_versions, exists, migrator, write};
 use pgstack_config::Jitter;
-use pgstack_migrations::{Backoff, Error, Event, MigrationState, UpTarget};
+use pgstack_migrations::{
+    Backoff, Error, Event, MigrationState, Migrations, Operation, Rule, UpTarget,
+};
 use pgstack_tests::TestDb;
 
 /// Polls `check` until it holds, for at most a minute.
@@ -410,5 +414,173 @@ async fn a_concurrent_index_build_waits_for_old_transactions_without_a_lock_time
         .await?
         .get(0);
     assert!(valid);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_unique_concurrent_index_is_shown_invalid_and_forget_failed_drops_it()
+-> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let dir = tempfile::tempdir()?;
+    write(
+        dir.path(),
+        &[
+            (
+                "0001_t.up.sql",
+                "CREATE TABLE t (x int);\nINSERT INTO t VALUES (1), (2), (2);\n",
+            ),
+            (
+                "0002_key.up.sql",
+                "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY t_x_key ON t (x);\n",
+            ),
+        ],
+    );
+    let m = migrator(dir.path(), &db);
+    let err = m.up(UpTarget::Latest).await.unwrap_err();
+    let Error::MigrationFailed(failure) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(failure.dirty);
+    assert_eq!(failure.code.as_deref(), Some("23505"));
+    assert_eq!(failure.invalid_indexes, vec!["public.t_x_key".to_owned()]);
+    let text = err.to_string();
+    assert!(
+        text.contains("left the INVALID index public.t_x_key behind")
+            && text.contains("forget-failed 2"),
+        "{text}"
+    );
+
+    // An INVALID index no migration built (a hand-made build that failed).
+    let c = db.client().await?;
+    assert!(
+        c.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY by_hand ON t (x)")
+            .await
+            .is_err()
+    );
+
+    let status = m.status().await?;
+    let invalid: Vec<(String, Option<i64>)> = status
+        .invalid_indexes
+        .iter()
+        .map(|i| (i.name.clone(), i.version))
+        .collect();
+    assert_eq!(
+        invalid,
+        vec![
+            ("by_hand".to_owned(), None),
+            ("t_x_key".to_owned(), Some(2))
+        ]
+    );
+    assert_eq!(status.invalid_indexes[1].table, "t");
+    assert!(
+        status.invalid_indexes[1]
+            .definition
+            .contains("CREATE UNIQUE INDEX t_x_key")
+    );
+    let shown = status.to_string();
+    assert!(
+        shown.contains("INVALID index public.t_x_key on t (built by migration 2): left by the failed migration 2; `migrate forget-failed 2` drops it"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("DROP INDEX CONCURRENTLY public.by_hand"),
+        "{shown}"
+    );
+
+    // Nothing to repair for a version without a failed mark.
+    let nothing = m.repair_failed(1).await?;
+    assert!(!nothing.removed && nothing.dropped_indexes.is_empty());
+    assert!(exists(&db, "t_x_key").await?);
+
+    // Fix the data, repair: the index the migration built is dropped, the
+    // other one is left alone, and the migration runs again.
+    c.batch_execute("DELETE FROM t WHERE ctid = (SELECT max(ctid) FROM t WHERE x = 2)")
+        .await?;
+    let repair = m.repair_failed(2).await?;
+    assert!(repair.removed);
+    assert_eq!(
+        repair
+            .dropped_indexes
+            .iter()
+            .map(|i| i.qualified_name())
+            .collect::<Vec<_>>(),
+        vec!["public.t_x_key"]
+    );
+    assert!(!exists(&db, "t_x_key").await?);
+    assert!(exists(&db, "by_hand").await?);
+    assert_eq!(m.up(UpTarget::Latest).await?.changed_versions(), vec![2]);
+    let valid: bool = c
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x_key'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(valid);
+    assert_eq!(
+        m.status()
+            .await?
+            .invalid_indexes
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["by_hand"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lint_findings_appear_in_validate_plan_and_the_pending_lint() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let dir = tempfile::tempdir()?;
+    write(
+        dir.path(),
+        &[
+            (
+                "0001_t.up.sql",
+                "CREATE TABLE t (id int, v text);\nCREATE INDEX t_id ON t (id);\n",
+            ),
+            (
+                "0002_v.up.sql",
+                "-- the lookup by value\nCREATE INDEX t_v ON t (v);\n",
+            ),
+        ],
+    );
+    let m = migrator(dir.path(), &db);
+    assert_eq!(Migrations::from_dir(dir.path())?.lint().findings.len(), 1);
+
+    m.up(UpTarget::Version(1)).await?;
+    let lint = m.lint().await?;
+    assert_eq!(lint.files, 1, "only the pending migration");
+    assert_eq!(lint.findings.len(), 1);
+    let finding = &lint.findings[0];
+    assert_eq!(finding.rule, Rule::RequireConcurrentIndexCreation);
+    assert_eq!((finding.version, finding.line), (Some(2), 2));
+    assert!(lint.has_errors());
+
+    let validation = m.validate().await?;
+    assert!(validation.is_ok(), "lint findings are warnings");
+    assert_eq!(validation.findings, lint.findings);
+    assert!(
+        validation
+            .to_string()
+            .contains("0002_v.up.sql:2: error [require-concurrent-index-creation]"),
+        "{validation}"
+    );
+
+    let plan = m.plan(Operation::Up(UpTarget::Latest)).await?;
+    assert_eq!(plan.findings, lint.findings);
+    let text = plan.to_string();
+    assert!(
+        text.contains(
+            "-- lint error [require-concurrent-index-creation] line 2: CREATE INDEX t_v on t"
+        ),
+        "{text}"
+    );
+
+    m.up(UpTarget::Latest).await?;
+    let lint = m.lint().await?;
+    assert!(lint.findings.is_empty() && lint.files == 0);
+    assert!(m.validate().await?.findings.is_empty());
     Ok(())
 }
