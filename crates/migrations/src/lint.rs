@@ -1195,6 +1195,18 @@ mod tests {
     }
 
     #[test]
+    fn every_rule_is_documented() {
+        let doc = include_str!("../../../docs/migrations.md");
+        for rule in Rule::ALL {
+            assert!(
+                doc.contains(&format!("`{}`", rule.id())),
+                "docs/migrations.md lacks `{}`",
+                rule.id()
+            );
+        }
+    }
+
+    #[test]
     fn require_concurrent_index_creation() {
         let f = only("SELECT 1;\n\nCREATE UNIQUE INDEX bills_number_idx ON public.bills (number);");
         assert_eq!(f.rule, Rule::RequireConcurrentIndexCreation);
