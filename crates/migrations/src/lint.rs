@@ -892,7 +892,10 @@ impl Linter {
                 line,
                 format!("renames the column {t}.{from} to {to}"),
             );
-        } else if kw(start, "VALIDATE") && kw(start + 1, "CONSTRAINT") && !self.no_transaction {
+        } else if kw(start, "VALIDATE") && kw(start + 1, "CONSTRAINT") {
+            // One file is one transaction: an explicit one, or the implicit
+            // one PostgreSQL wraps several statements of a
+            // `-- no-transaction` file in.
             let Some(name) = s.name_at(start + 2) else {
                 return;
             };
@@ -1303,6 +1306,14 @@ mod tests {
         assert!(
             f.message.contains("in the transaction that added it"),
             "{f}"
+        );
+        // the same outside a transaction: PostgreSQL runs the file as one implicit transaction
+        assert_eq!(
+            rules(
+                "-- no-transaction\nALTER TABLE bills ADD CONSTRAINT fk FOREIGN KEY (u) \
+                 REFERENCES users NOT VALID, VALIDATE CONSTRAINT fk;"
+            ),
+            ["constraint-missing-not-valid"]
         );
         // a column's inline CHECK on an existing table
         assert_eq!(
