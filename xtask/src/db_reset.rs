@@ -107,7 +107,7 @@ pub(crate) fn run(args: DbResetArgs) -> anyhow::Result<ExitCode> {
         }
         let migrator = Migrator::new(migrations, &config.primary)
             .tls(&config.tls)
-            .lock_timeout(config.migrations.lock_timeout)
+            .with_settings(&config.migrations)
             .application_name(&format!("{} db-reset", config.query.application_name))
             .with_environment(config.environment)
             .on_progress(move |event| match event {

@@ -1,4 +1,4 @@
-//! `cargo xtask migrate …`: status, up, down, validate, dry-run, new,
+//! `cargo xtask migrate …`: status, up, down, validate, dry-run, lint, new,
 //! baseline and forget-failed, on `pgstack-migrations`.
 //!
 //! The folder is `migrations.dir` of the configuration (`migrations`, or
@@ -15,8 +15,8 @@ use std::time::Duration;
 use clap::Subcommand;
 use pgstack_config::Environment;
 use pgstack_migrations::{
-    DownTarget, Event, MigrationState, Migrations, Migrator, Operation, Plan, Report, Status,
-    StatusEntry, UpTarget,
+    DownTarget, Event, Finding, InvalidIndex, LintReport, MigrationState, Migrations, Migrator,
+    Operation, Plan, Report, Status, StatusEntry, UpTarget,
 };
 use serde_json::json;
 
@@ -43,12 +43,14 @@ enum MigrateCommand {
     Validate(PlainArgs),
     /// Print the plan and the SQL of what `up` would do; change nothing.
     DryRun(DryRunArgs),
+    /// Look for lock hazards in the migration files (every file, or --pending ones); exit 1 on an error-level finding.
+    Lint(LintArgs),
     /// Write a reversible pair NNNN_NAME.up.sql / .down.sql with the next version in the migrations folder.
     New(NewArgs),
     /// Record every migration up to VERSION as applied without running it (adopting an existing schema).
     Baseline(VersionArgs),
-    /// Remove the failed mark a no-transaction migration left, once the database is repaired by hand.
-    ForgetFailed(VersionArgs),
+    /// Remove the failed mark a no-transaction migration left, dropping the INVALID indexes its CREATE INDEX CONCURRENTLY left.
+    ForgetFailed(ForgetArgs),
 }
 
 /// Only the shared options.
@@ -100,6 +102,28 @@ struct DryRunArgs {
     to: Option<i64>,
 }
 
+/// Arguments of `migrate lint`.
+#[derive(Debug, clap::Args)]
+struct LintArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Lint only the migrations not applied yet to the database (default: every file, no database needed).
+    #[arg(long)]
+    pending: bool,
+}
+
+/// Arguments of `migrate forget-failed`.
+#[derive(Debug, clap::Args)]
+struct ForgetArgs {
+    /// The migration version.
+    version: i64,
+    /// Remove the mark only; keep the INVALID indexes the migration left.
+    #[arg(long)]
+    keep_invalid_indexes: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 /// Arguments of `migrate new`.
 #[derive(Debug, clap::Args)]
 struct NewArgs {
@@ -119,7 +143,7 @@ struct NewArgs {
     json: bool,
 }
 
-/// Arguments of `migrate baseline` and `migrate forget-failed`.
+/// Arguments of `migrate baseline`.
 #[derive(Debug, clap::Args)]
 struct VersionArgs {
     /// The migration version.
@@ -146,6 +170,7 @@ pub(crate) fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
             let (ctx, migrator) = open(&a.common, "migrate dry-run")?;
             dry_run(&ctx, &migrator, Operation::Up(target), &[])
         }
+        MigrateCommand::Lint(a) => lint(&a),
         MigrateCommand::New(a) => new(&a),
         MigrateCommand::Baseline(a) => baseline(&a),
         MigrateCommand::ForgetFailed(a) => forget_failed(&a),
@@ -167,7 +192,7 @@ fn migrator_for(ctx: &mut Context, what: &str) -> anyhow::Result<Migrator> {
     let config = &ctx.config;
     Ok(Migrator::new(migrations, &config.primary)
         .tls(&config.tls)
-        .lock_timeout(config.migrations.lock_timeout)
+        .with_settings(&config.migrations)
         .application_name(&format!("{} {what}", config.query.application_name))
         .with_environment(config.environment))
 }
@@ -186,6 +211,7 @@ fn status(common: &CommonArgs) -> anyhow::Result<ExitCode> {
             "pending": status.in_state(MigrationState::Pending).count(),
             "problems": status.validation().problems.len(),
             "migrations": status.entries.iter().map(entry_json).collect::<Vec<_>>(),
+            "invalid_indexes": status.invalid_indexes.iter().map(invalid_json).collect::<Vec<_>>(),
         });
         out(&serde_json::to_string_pretty(&json)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -193,6 +219,7 @@ fn status(common: &CommonArgs) -> anyhow::Result<ExitCode> {
     let mut text = format!("Migrations of {target}:\n");
     text.push_str(&status_table(&status, ctx.verbose));
     text.push('\n');
+    text.push_str(&invalid_lines(&status));
     text.push_str(&summary(&status));
     out(&text)?;
     Ok(ExitCode::SUCCESS)
@@ -241,6 +268,52 @@ fn summary(status: &Status) -> String {
     }
     text.push('.');
     text
+}
+
+/// The INVALID indexes of a status, one line each with what to do.
+fn invalid_lines(status: &Status) -> String {
+    let mut text = String::new();
+    for index in &status.invalid_indexes {
+        let advice = match index.version.filter(|v| {
+            status
+                .in_state(MigrationState::Failed)
+                .any(|e| e.version == *v)
+        }) {
+            Some(v) => format!(
+                "left by the failed migration {v}: `cargo xtask migrate forget-failed {v}` drops it"
+            ),
+            None => format!(
+                "unless it is being built right now, DROP INDEX CONCURRENTLY {}",
+                index.qualified_name()
+            ),
+        };
+        text.push_str(&format!("INVALID index {index}; {advice}.\n"));
+    }
+    text
+}
+
+fn invalid_json(index: &InvalidIndex) -> serde_json::Value {
+    json!({
+        "schema": index.schema,
+        "name": index.name,
+        "table": index.table,
+        "definition": index.definition,
+        "version": index.version,
+    })
+}
+
+fn finding_json(f: &Finding) -> serde_json::Value {
+    json!({
+        "rule": f.rule.id(),
+        "severity": f.severity.as_str(),
+        "version": f.version,
+        "file": f.file,
+        "line": f.line,
+        "statement": f.statement,
+        "message": f.message,
+        "why": f.why(),
+        "fix": f.fix(),
+    })
 }
 
 fn entry_json(e: &StatusEntry) -> serde_json::Value {
@@ -366,6 +439,28 @@ fn with_progress(
             }
         }
         Event::Applied { .. } => events.inc(1),
+        Event::LockNotAvailable {
+            version,
+            attempt,
+            attempts,
+            lock_wait,
+            retry_in,
+            conflict,
+            ..
+        } => {
+            let what = conflict
+                .as_ref()
+                .map_or_else(|| "a table lock".to_owned(), ToString::to_string);
+            let next = match retry_in {
+                Some(delay) => format!("rolled back; attempt {} of {attempts} in {delay:.1?}", attempt + 1),
+                None => "rolled back; that was the last attempt (migrations.lock_retries)".to_owned(),
+            };
+            events.suspend(|| {
+                note(&format!(
+                    "migration {version} gave up waiting {lock_wait:.1?} (migrations.lock_wait) for {what}; {next}"
+                ));
+            });
+        }
         _ => {}
     });
     (migrator, bar)
@@ -470,6 +565,7 @@ fn dry_run(
                 "sql": s.sql,
             })).collect::<Vec<_>>(),
             "needs_confirmation": unconfirmed.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+            "lint": plan.findings.iter().map(finding_json).collect::<Vec<_>>(),
         });
         out(&serde_json::to_string_pretty(&json)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -491,7 +587,7 @@ fn dry_run(
 
 fn validate(common: &CommonArgs) -> anyhow::Result<ExitCode> {
     let (ctx, migrator) = open(common, "migrate validate")?;
-    let validation = ctx.block_on(async { Ok(migrator.validate().await?) })?;
+    let mut validation = ctx.block_on(async { Ok(migrator.validate().await?) })?;
     let code = if validation.is_ok() {
         ExitCode::SUCCESS
     } else {
@@ -503,20 +599,94 @@ fn validate(common: &CommonArgs) -> anyhow::Result<ExitCode> {
             "database": ctx.config.primary.database,
             "target": ctx.config.primary.redacted_url(),
             "problems": validation.problems.iter().map(entry_json).collect::<Vec<_>>(),
+            "lint": validation.findings.iter().map(finding_json).collect::<Vec<_>>(),
         });
         out(&serde_json::to_string_pretty(&json)?)?;
-    } else if validation.is_ok() {
-        out(&format!(
-            "Valid: on `{}`, {validation}.",
-            ctx.config.primary.database
-        ))?;
+        return Ok(code);
+    }
+    let findings = std::mem::take(&mut validation.findings);
+    let mut text = if validation.is_ok() {
+        format!("Valid: on `{}`, {validation}.", ctx.config.primary.database)
     } else {
-        out(&format!(
+        format!(
             "Invalid: on `{}`, {validation}",
             ctx.config.primary.database
-        ))?;
+        )
+    };
+    if !findings.is_empty() {
+        text.push_str(&format!(
+            "\nLint: {} finding(s) in the pending migrations (warnings here; `cargo xtask migrate lint --pending` explains them):",
+            findings.len()
+        ));
+        for f in &findings {
+            text.push_str(&format!(
+                "\n  {}:{}: {} [{}] {}",
+                f.file.display(),
+                f.line,
+                f.severity,
+                f.rule,
+                f.message
+            ));
+        }
     }
+    out(&text)?;
     Ok(code)
+}
+
+/// `migrate lint`: every file without a database, or the pending ones.
+fn lint(args: &LintArgs) -> anyhow::Result<ExitCode> {
+    let (ctx, dir, report) = if args.pending {
+        let (ctx, migrator) = open(&args.common, "migrate lint")?;
+        let dir = migrator.migrations().dir().map(ToOwned::to_owned);
+        let report = ctx.block_on(async { Ok(migrator.lint().await?) })?;
+        (ctx, dir, report)
+    } else {
+        let ctx = Context::resolve(&args.common)?;
+        let dir = resolve_dir(&ctx.config.migrations.dir);
+        let report = Migrations::from_dir(&dir)?.lint();
+        (ctx, Some(dir), report)
+    };
+    let code = if report.has_errors() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    };
+    if ctx.json {
+        out(&serde_json::to_string_pretty(&lint_json(
+            &report,
+            args.pending,
+        ))?)?;
+        return Ok(code);
+    }
+    let what = if args.pending {
+        "the pending migrations"
+    } else {
+        "every migration"
+    };
+    let dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
+    let mut text = format!("Lint of {what} in {dir}:\n");
+    if report.findings.is_empty() {
+        text.push_str("  no lock hazard found\n");
+    }
+    text.push_str(&report.to_string());
+    if !report.findings.is_empty() {
+        text.push_str(
+            "\nAccept a finding knowingly with a comment `-- pgstack:allow RULE` above the statement.",
+        );
+    }
+    out(&text)?;
+    Ok(code)
+}
+
+fn lint_json(report: &LintReport, pending: bool) -> serde_json::Value {
+    json!({
+        "pending_only": pending,
+        "files": report.files,
+        "errors": report.of_severity(pgstack_migrations::Severity::Error).count(),
+        "warnings": report.of_severity(pgstack_migrations::Severity::Warning).count(),
+        "allowed": report.allowed,
+        "findings": report.findings.iter().map(finding_json).collect::<Vec<_>>(),
+    })
 }
 
 fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
@@ -594,22 +764,39 @@ fn baseline(args: &VersionArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn forget_failed(args: &VersionArgs) -> anyhow::Result<ExitCode> {
+fn forget_failed(args: &ForgetArgs) -> anyhow::Result<ExitCode> {
     let (ctx, migrator) = open(&args.common, "migrate forget-failed")?;
     let version = args.version;
-    let removed = ctx.block_on(async { Ok(migrator.forget_failed(version).await?) })?;
+    let keep = args.keep_invalid_indexes;
+    let (removed, dropped) = ctx.block_on(async {
+        if keep {
+            Ok((migrator.forget_failed(version).await?, Vec::new()))
+        } else {
+            let repair = migrator.repair_failed(version).await?;
+            Ok((repair.removed, repair.dropped_indexes))
+        }
+    })?;
+    let dropped: Vec<String> = dropped.iter().map(InvalidIndex::qualified_name).collect();
     if ctx.json {
         let json = json!({
             "database": ctx.config.primary.database,
             "target": ctx.config.primary.redacted_url(),
             "version": version,
             "removed": removed,
+            "dropped_indexes": dropped,
         });
         out(&serde_json::to_string_pretty(&json)?)?;
     } else if removed {
-        out(&format!(
+        let mut text = String::new();
+        for index in &dropped {
+            text.push_str(&format!(
+                "Dropped the INVALID index {index} that migration {version} left.\n"
+            ));
+        }
+        text.push_str(&format!(
             "Removed the failed mark of migration {version}; `cargo xtask migrate up` runs it again."
-        ))?;
+        ));
+        out(&text)?;
     } else {
         note(&format!(
             "error: migration {version} has no failed mark in `{}`; nothing was changed (`cargo xtask migrate status` shows which one failed)",

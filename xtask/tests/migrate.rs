@@ -643,6 +643,7 @@ fn usage_errors_exit_2() {
         "new",
         "baseline",
         "forget-failed",
+        "lint",
     ] {
         assert!(help.contains(command), "{command} missing from:\n{help}");
     }
@@ -810,4 +811,269 @@ async fn a_second_migrator_waits_for_the_lock_then_gives_up_naming_the_holder() 
     let first = first.wait_with_output().unwrap();
     assert!(first.status.success(), "{}", explain(&first));
     assert_eq!(applied(&db).await.last(), Some(&(latest() + 1)));
+}
+
+/// `migrate lint` with the migrations folder `dir`, no database named, and the development
+/// cluster's folder `dev` (which lint without `--pending` must not start).
+fn lint_in(dir: &Path, dev: &Path, args: &[&str]) -> Command {
+    let mut all = vec!["migrate", "lint"];
+    all.extend_from_slice(args);
+    let mut cmd = xtask(&all);
+    cmd.env("PGSTACK_MIGRATIONS__DIR", dir)
+        .env("PGSTACK_DEV_DIR", dev);
+    cmd
+}
+
+#[test]
+fn lint_checks_every_file_without_a_database_and_exits_1_on_errors() {
+    let dev = tempfile::tempdir().unwrap();
+    let dev_dir = dev.path().join("dev");
+    let dir = copy_of_migrations();
+    let n = versions().len();
+
+    let out = ok(&mut lint_in(dir.path(), &dev_dir, &[]));
+    let text = stdout(&out);
+    assert!(text.contains("no lock hazard found"), "{text}");
+    assert!(
+        text.contains(&format!("{n} file(s) checked: 0 error(s), 0 warning(s)")),
+        "{text}"
+    );
+
+    // A warning alone does not fail.
+    std::fs::write(
+        dir.path()
+            .join(format!("{:04}_drop_summary.up.sql", latest() + 1)),
+        "-- the summary moved to the documents service\nALTER TABLE bills DROP COLUMN summary;\n",
+    )
+    .unwrap();
+    let out = ok(&mut lint_in(dir.path(), &dev_dir, &[]));
+    assert!(
+        stdout(&out).contains("error(s), 1 warning(s)"),
+        "{}",
+        explain(&out)
+    );
+
+    // An error does; an allowed finding is counted, not reported.
+    let index = format!("{:04}_title_idx.up.sql", latest() + 2);
+    std::fs::write(
+        dir.path().join(&index),
+        "CREATE INDEX bills_title_idx ON bills (title);\n\
+         -- pgstack:allow ban-drop-column (nobody reads it)\n\
+         ALTER TABLE users DROP COLUMN display_name;\n",
+    )
+    .unwrap();
+    let out = fails(&mut lint_in(dir.path(), &dev_dir, &[]), 1);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "{index}:1: error [require-concurrent-index-creation] CREATE INDEX bills_title_idx on bills"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("instead: CREATE INDEX CONCURRENTLY"),
+        "{text}"
+    );
+    assert!(
+        text.contains("drop_summary.up.sql:2: warning [ban-drop-column]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 error(s), 1 warning(s), 1 allowed by `-- pgstack:allow`"),
+        "{text}"
+    );
+    assert!(text.contains("-- pgstack:allow RULE"), "{text}");
+
+    let out = fails(&mut lint_in(dir.path(), &dev_dir, &["--json"]), 1);
+    let report = json(&out);
+    assert_eq!(report["files"], n + 2);
+    assert_eq!(report["errors"], 1);
+    assert_eq!(report["warnings"], 1);
+    assert_eq!(report["allowed"], 1);
+    assert_eq!(report["pending_only"], false);
+    let error = &report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["severity"] == "error")
+        .unwrap();
+    assert_eq!(error["rule"], "require-concurrent-index-creation");
+    assert_eq!(error["version"], latest() + 2);
+    assert_eq!(error["line"], 1);
+    assert!(error["file"].as_str().unwrap().ends_with(&index));
+    assert!(error["why"].as_str().unwrap().contains("SHARE lock"));
+    assert!(error["fix"].as_str().unwrap().contains("CONCURRENTLY"));
+
+    assert!(
+        !dev_dir.exists(),
+        "lint without --pending started the development cluster"
+    );
+}
+
+#[tokio::test]
+async fn lint_pending_validate_and_dry_run_show_the_findings_of_pending_migrations() {
+    let db = TestDb::new().await.unwrap();
+    let dir = copy_of_migrations();
+    let with_dir = |args: &[&str]| {
+        let mut cmd = migrate(db.url(), args);
+        cmd.env("PGSTACK_MIGRATIONS__DIR", dir.path());
+        cmd
+    };
+    ok(&mut with_dir(&["up"]));
+    let next = latest() + 1;
+    std::fs::write(
+        dir.path().join(format!("{next:04}_status_idx.up.sql")),
+        "CREATE INDEX bills_status_title_idx ON bills (status, title);\n",
+    )
+    .unwrap();
+
+    let report = json(&fails(&mut with_dir(&["lint", "--pending", "--json"]), 1));
+    assert_eq!(report["pending_only"], true);
+    assert_eq!(report["files"], 1);
+    assert_eq!(report["findings"][0]["version"], next);
+
+    // validate and dry-run report it, as a warning
+    let out = ok(&mut with_dir(&["validate"]));
+    let text = stdout(&out);
+    assert!(text.starts_with("Valid:"), "{text}");
+    assert!(
+        text.contains("Lint: 1 finding(s) in the pending migrations")
+            && text.contains("status_idx.up.sql:1: error [require-concurrent-index-creation]"),
+        "{text}"
+    );
+    let validation = json_of(&mut with_dir(&["validate", "--json"]));
+    assert_eq!(validation["valid"], true);
+    assert_eq!(
+        validation["lint"][0]["rule"],
+        "require-concurrent-index-creation"
+    );
+    let out = ok(&mut with_dir(&["dry-run"]));
+    assert!(
+        stdout(&out).contains(
+            "-- lint error [require-concurrent-index-creation] line 1: CREATE INDEX bills_status_title_idx on bills"
+        ),
+        "{}",
+        explain(&out)
+    );
+    let plan = json_of(&mut with_dir(&["dry-run", "--json"]));
+    assert_eq!(plan["lint"].as_array().unwrap().len(), 1);
+
+    ok(&mut with_dir(&["up"]));
+    let out = ok(&mut with_dir(&["lint", "--pending"]));
+    assert!(
+        stdout(&out).contains("no lock hazard found"),
+        "{}",
+        explain(&out)
+    );
+}
+
+#[tokio::test]
+async fn forget_failed_drops_the_invalid_index_a_failed_concurrent_build_left() {
+    let db = TestDb::new().await.unwrap();
+    let dir = copy_of_migrations();
+    let table = latest() + 1;
+    let index = latest() + 2;
+    std::fs::write(
+        dir.path().join(format!("{table:04}_dup.up.sql")),
+        "CREATE TABLE dup (x int);\nINSERT INTO dup VALUES (1), (1);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(format!("{index:04}_dup_key.up.sql")),
+        "-- no-transaction\nCREATE UNIQUE INDEX CONCURRENTLY dup_x_key ON dup (x);\n",
+    )
+    .unwrap();
+    let with_dir = |args: &[&str]| {
+        let mut cmd = migrate(db.url(), args);
+        cmd.env("PGSTACK_MIGRATIONS__DIR", dir.path());
+        cmd
+    };
+
+    let out = fails(&mut with_dir(&["up"]), 1);
+    assert!(
+        stderr(&out).contains("left the INVALID index public.dup_x_key behind"),
+        "{}",
+        explain(&out)
+    );
+    let out = ok(&mut with_dir(&["status"]));
+    assert!(
+        stdout(&out).contains(&format!(
+            "INVALID index public.dup_x_key on dup (built by migration {index}); left by the failed \
+             migration {index}: `cargo xtask migrate forget-failed {index}` drops it."
+        )),
+        "{}",
+        explain(&out)
+    );
+    let status = json_of(&mut with_dir(&["status", "--json"]));
+    assert_eq!(status["invalid_indexes"][0]["name"], "dup_x_key");
+    assert_eq!(status["invalid_indexes"][0]["table"], "dup");
+    assert_eq!(status["invalid_indexes"][0]["version"], index);
+
+    // Fix the data, then forget the failure: the invalid index goes with the mark.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("DELETE FROM dup WHERE ctid = (SELECT max(ctid) FROM dup)")
+        .await
+        .unwrap();
+    let out = ok(&mut with_dir(&["forget-failed", &index.to_string()]));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "Dropped the INVALID index public.dup_x_key that migration {index} left."
+        )),
+        "{text}"
+    );
+    assert!(text.contains("Removed the failed mark"), "{text}");
+    assert!(!has_table(&db, "dup_x_key").await);
+    let up = json_of(&mut with_dir(&["up", "--json"]));
+    assert_eq!(step_versions(&up["applied"]), vec![index]);
+    let status = json_of(&mut with_dir(&["status", "--json"]));
+    assert_eq!(status["invalid_indexes"], serde_json::json!([]));
+    assert_eq!(status["up_to_date"], true);
+}
+
+#[tokio::test]
+async fn up_gives_up_a_migration_after_lock_wait_and_lock_retries_from_the_configuration() {
+    let db = TestDb::new().await.unwrap();
+    let dir = copy_of_migrations();
+    ok(&mut migrate(db.url(), &["up"]));
+    let next = latest() + 1;
+    std::fs::write(
+        dir.path().join(format!("{next:04}_bill_pages.up.sql")),
+        "ALTER TABLE bills ADD COLUMN pages int;\n",
+    )
+    .unwrap();
+    let holder = db.client().await.unwrap();
+    holder
+        .batch_execute("SET application_name = 'reports'; BEGIN; SELECT count(*) FROM bills;")
+        .await
+        .unwrap();
+
+    let out = fails(
+        migrate(db.url(), &["up"])
+            .env("PGSTACK_MIGRATIONS__DIR", dir.path())
+            .env("PGSTACK_MIGRATIONS__LOCK_WAIT", "300ms")
+            .env("PGSTACK_MIGRATIONS__LOCK_RETRIES", "1"),
+        1,
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "migration {next} gave up waiting 300.0ms (migrations.lock_wait) for"
+        )) && err.contains("rolled back; attempt 2 of 2 in"),
+        "{err}"
+    );
+    assert!(err.contains("that was the last attempt"), "{err}");
+    assert!(
+        err.contains("could not get the locks it needs: 2 attempt(s)")
+            && err.contains("bill_pages.up.sql"),
+        "{err}"
+    );
+    assert_eq!(applied(&db).await, versions(), "nothing recorded");
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let up =
+        json_of(migrate(db.url(), &["up", "--json"]).env("PGSTACK_MIGRATIONS__DIR", dir.path()));
+    assert_eq!(step_versions(&up["applied"]), vec![next]);
 }

@@ -76,4 +76,4 @@ pub use crate::settings::{
     Jitter, KeepaliveSettings, MigrationSettings, NodeSettings, NodeUrlError, PoolSettings,
     Profile, QuerySettings, RetrySettings, SlidingWindow, StartupSettings, TlsMode, TlsSettings,
 };
-pub use crate::validate::MAX_POOL_SIZE;
+pub use crate::validate::{MAX_LOCK_RETRIES, MAX_LOCK_WAIT, MAX_POOL_SIZE};

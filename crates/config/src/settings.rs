@@ -668,6 +668,18 @@ pub struct MigrationSettings {
     /// Longest wait for the migration lock held by another instance.
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
+    /// Longest wait of a migration's statement for a table lock (PostgreSQL's
+    /// `lock_timeout` inside each migration). A migration that waits longer
+    /// is rolled back and retried, so it never sits in the lock queue
+    /// blocking the application's reads and writes for longer than this.
+    #[serde(with = "humantime_serde")]
+    pub lock_wait: Duration,
+    /// How often a migration that gave up waiting for a lock is retried
+    /// (with exponential backoff and jitter) before the run fails; 0 tries
+    /// once. The default (4, with the default `lock_wait`) gives up after
+    /// about 40 s, within the `lock_timeout` other migrators wait for the
+    /// migration lock meanwhile.
+    pub lock_retries: u32,
 }
 
 impl Default for MigrationSettings {
@@ -676,6 +688,8 @@ impl Default for MigrationSettings {
             dir: PathBuf::from("migrations"),
             auto_migrate: Profile::of(Environment::Development).auto_migrate,
             lock_timeout: Duration::from_secs(60),
+            lock_wait: Duration::from_secs(5),
+            lock_retries: 4,
         }
     }
 }

@@ -11,6 +11,13 @@ use crate::settings::{DatabaseConfig, NodeSettings, SlidingWindow, TlsMode};
 /// usually a few hundred; more than this per node is a typo.
 pub const MAX_POOL_SIZE: u32 = 10_000;
 
+/// The largest `migrations.lock_wait`: PostgreSQL's `lock_timeout` is a
+/// number of milliseconds in an `int`.
+pub const MAX_LOCK_WAIT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// The largest `migrations.lock_retries` accepted; more is a typo.
+pub const MAX_LOCK_RETRIES: u32 = 100;
+
 /// PostgreSQL truncates `application_name` to `NAMEDATALEN - 1` bytes.
 const MAX_APPLICATION_NAME: usize = 63;
 
@@ -442,6 +449,33 @@ pub(crate) fn check(config: &DatabaseConfig, source_of: &dyn Fn(&str) -> Source)
         migrations.lock_timeout,
         "the longest wait for the migration lock",
     );
+    c.positive_duration(
+        "migrations.lock_wait",
+        migrations.lock_wait,
+        "PostgreSQL reads a lock_timeout of 0 as \"wait forever\", which would let a \
+         migration queue up the application's queries behind it",
+    );
+    if migrations.lock_wait > MAX_LOCK_WAIT {
+        c.fail(
+            "migrations.lock_wait",
+            d(migrations.lock_wait),
+            format!(
+                "is longer than PostgreSQL's largest lock_timeout ({}); while a migration waits, \
+                 reads and writes of the table queue behind it, so keep it to a few seconds",
+                d(MAX_LOCK_WAIT)
+            ),
+        );
+    }
+    if migrations.lock_retries > MAX_LOCK_RETRIES {
+        c.fail(
+            "migrations.lock_retries",
+            migrations.lock_retries.to_string(),
+            format!(
+                "is absurdly large (at most {MAX_LOCK_RETRIES}); each retry waits up to \
+                 migrations.lock_wait plus a growing backoff"
+            ),
+        );
+    }
 
     // Start-up.
     c.optional_duration(

@@ -209,6 +209,7 @@ fn zero_timeouts_are_refused() {
         "health.probe_timeout",
         "health.max_replica_lag",
         "migrations.lock_timeout",
+        "migrations.lock_wait",
     ] {
         let p = file_problem(&format!("{key} = \"0s\""), key);
         assert!(p.message.contains("greater than zero"), "{p}");
@@ -242,6 +243,50 @@ fn counts_that_must_be_positive() {
         assert_eq!(p.source, env(&var));
         assert!(p.message.contains("at least 1"), "{p}");
     }
+}
+
+#[test]
+fn migration_lock_wait_and_retries_are_bounded() {
+    // the defaults: a few seconds, a few retries
+    let config = load_env(&[]).unwrap().into_config();
+    assert_eq!(
+        config.migrations.lock_wait,
+        std::time::Duration::from_secs(5)
+    );
+    assert_eq!(config.migrations.lock_retries, 4);
+
+    let p = file_problem("migrations.lock_wait = \"0s\"", "migrations.lock_wait");
+    assert_eq!(p.value.as_deref(), Some("0s"));
+    assert!(p.message.contains("wait forever"), "{p}");
+    let p = env_problem(
+        "PGSTACK_MIGRATIONS__LOCK_WAIT",
+        "30days",
+        "migrations.lock_wait",
+    );
+    assert!(p.message.contains("largest lock_timeout"), "{p}");
+    let p = env_problem(
+        "PGSTACK_MIGRATIONS__LOCK_WAIT",
+        "soon",
+        "migrations.lock_wait",
+    );
+    assert_eq!(p.value.as_deref(), Some("soon"));
+
+    let p = file_problem("migrations.lock_retries = 1000", "migrations.lock_retries");
+    assert_eq!(p.value.as_deref(), Some("1000"));
+    assert!(p.message.contains("at most 100"), "{p}");
+
+    // no retries at all, and a long (but possible) wait, are fine
+    let config = load_env(&[
+        ("PGSTACK_MIGRATIONS__LOCK_RETRIES", "0"),
+        ("PGSTACK_MIGRATIONS__LOCK_WAIT", "750ms"),
+    ])
+    .unwrap()
+    .into_config();
+    assert_eq!(config.migrations.lock_retries, 0);
+    assert_eq!(
+        config.migrations.lock_wait,
+        std::time::Duration::from_millis(750)
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::lock::LockHolder;
+use crate::lockwait::LockConflict;
 use crate::status::Validation;
 
 /// Which way a migration runs.
@@ -174,6 +175,11 @@ pub enum Error {
     #[error("{0}")]
     MigrationFailed(Box<MigrationFailure>),
 
+    /// A migration could not take the locks it needs within
+    /// `migrations.lock_wait`, on every attempt.
+    #[error("{0}")]
+    LockNotAvailable(Box<LockFailure>),
+
     /// A migration is marked failed in `_sqlx_migrations` (a dirty database).
     #[error(
         "migration {version} ({description}) is marked failed in _sqlx_migrations: a \
@@ -236,7 +242,15 @@ pub enum Error {
     file.display(),
     match line { Some(l) => format!(", line {l}"), None => String::new() },
     match code { Some(c) => format!(" (SQLSTATE {c})"), None => String::new() },
-    if *dirty {
+    if *dirty && !invalid_indexes.is_empty() {
+        format!(
+            "it ran outside a transaction and left the INVALID index {} behind, so version \
+             {version} is now marked failed; fix the cause (the file, or the data), then \
+             `migrate forget-failed {version}` drops the invalid index and clears the mark, and \
+             run again",
+            invalid_indexes.join(", ")
+        )
+    } else if *dirty {
         format!(
             "it ran outside a transaction and may have left changes behind, so version {version} \
              is now marked failed; check what it left (e.g. an INVALID index from CREATE INDEX \
@@ -266,9 +280,73 @@ pub struct MigrationFailure {
     pub no_transaction: bool,
     /// True when the migration ran outside a transaction and is marked failed.
     pub dirty: bool,
+    /// The INVALID indexes a failed `CREATE INDEX CONCURRENTLY` of this
+    /// migration left behind (`schema.name`).
+    pub invalid_indexes: Vec<String>,
     /// The driver's error.
     #[source]
     pub source: sqlx::Error,
+}
+
+/// The details of [`Error::LockNotAvailable`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error(
+    "migration {version} ({}) could not get the locks it needs: {attempts} attempt(s) each gave up \
+     after waiting {} for a lock (migrations.lock_wait; SQLSTATE 55P03){}. Every attempt was \
+     rolled back: nothing of it was applied and it is not recorded. {}",
+    file.display(),
+    humantime::format_duration(*lock_wait),
+    match conflict {
+        Some(c) => format!("; it waited for {c}"),
+        None => String::new(),
+    },
+    lock_advice(conflict.as_ref()),
+)]
+pub struct LockFailure {
+    /// The version.
+    pub version: i64,
+    /// Up or down.
+    pub direction: Direction,
+    /// The file whose SQL waited.
+    pub file: PathBuf,
+    /// The attempts made, the first included.
+    pub attempts: u32,
+    /// How long each attempt waited at most (`lock_timeout`).
+    pub lock_wait: Duration,
+    /// The lock the migration waited for and who held it up, as the
+    /// migrator last saw it (it looks every half `lock_wait`; on the last
+    /// attempt or an earlier one).
+    pub conflict: Option<LockConflict>,
+    /// Whether the script ran outside a transaction (`-- no-transaction`).
+    pub no_transaction: bool,
+    /// The driver's error of the last attempt.
+    #[source]
+    pub source: sqlx::Error,
+}
+
+fn lock_advice(conflict: Option<&LockConflict>) -> String {
+    let pids: Vec<String> = conflict
+        .map(|c| c.blockers.iter().map(|b| b.pid.to_string()).collect())
+        .unwrap_or_default();
+    let who = match pids.as_slice() {
+        [] => "Find the session holding a lock on the table (pg_locks joined with \
+               pg_stat_activity, or pg_blocking_pids of the migrator) and let it finish, or end \
+               it"
+        .to_owned(),
+        [pid] => format!(
+            "Let pid {pid} finish, or end it (SELECT pg_terminate_backend({pid})) if it is stuck"
+        ),
+        pids => format!(
+            "Let pids {} finish, or end them (pg_terminate_backend) if they are stuck",
+            pids.join(", ")
+        ),
+    };
+    format!(
+        "{who}, then run the migrations again; or run them when the table is quieter, or raise \
+         migrations.lock_wait or migrations.lock_retries (a longer wait holds the table's other \
+         queries in the lock queue for longer)"
+    )
 }
 
 /// The result type of this crate.

@@ -5,15 +5,22 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use pgstack_config::{DatabaseConfig, Environment, NodeSettings, TlsMode, TlsSettings};
+use pgstack_config::{
+    DatabaseConfig, Environment, MigrationSettings, NodeSettings, TlsMode, TlsSettings,
+};
+use pgstack_resilience::Backoff;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-use crate::error::{Direction, Error, MigrationFailure, Result, db, describe_failure};
+use crate::error::{Direction, Error, LockFailure, MigrationFailure, Result, db, describe_failure};
+use crate::invalid::{self, InvalidIndex};
+use crate::lint::{self, LintReport};
 use crate::lock;
+use crate::lockwait::{self, LockConflict, Watch};
 use crate::metadata;
 use crate::progress::{Event, Observer};
-use crate::source::{Migration, Migrations};
+use crate::scan;
+use crate::source::{Migration, Migrations, Script};
 use crate::status::{
     AppliedRecord, MigrationState, Plan, PlannedStep, Report, Status, StatusEntry, Step, Validation,
 };
@@ -78,9 +85,23 @@ pub struct Migrator {
     connect: PgConnectOptions,
     target: Arc<str>,
     lock_timeout: Duration,
+    lock_wait: Duration,
+    lock_retries: u32,
+    lock_backoff: Backoff,
     observer: Observer,
     ignore_missing: bool,
     environment: Option<Environment>,
+}
+
+/// What [`Migrator::repair_failed`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Repair {
+    /// Whether a failed mark was removed (false: the version had none, and
+    /// nothing was done).
+    pub removed: bool,
+    /// The INVALID indexes the migration had built, now dropped.
+    pub dropped_indexes: Vec<InvalidIndex>,
 }
 
 impl fmt::Debug for Migrator {
@@ -90,6 +111,8 @@ impl fmt::Debug for Migrator {
             .field("target", &self.target)
             .field("migrations", &self.migrations.len())
             .field("lock_timeout", &self.lock_timeout)
+            .field("lock_wait", &self.lock_wait)
+            .field("lock_retries", &self.lock_retries)
             .field("observer", &self.observer)
             .field("ignore_missing", &self.ignore_missing)
             .field("environment", &self.environment)
@@ -98,14 +121,19 @@ impl fmt::Debug for Migrator {
 }
 
 impl Migrator {
-    /// A migrator for `migrations` on the database `node` describes, with a
-    /// 60 s lock timeout.
+    /// A migrator for `migrations` on the database `node` describes, with
+    /// the defaults of [`MigrationSettings`]: a 60 s lock timeout, and each
+    /// migration waiting at most 5 s for a table lock, 4 retries.
     pub fn new(migrations: Migrations, node: &NodeSettings) -> Self {
+        let defaults = MigrationSettings::default();
         Migrator {
             migrations,
             connect: connect_options(node, "pgstack-migrations", PgSslMode::Prefer),
             target: Arc::from(node.redacted_url()),
-            lock_timeout: Duration::from_secs(60),
+            lock_timeout: defaults.lock_timeout,
+            lock_wait: defaults.lock_wait,
+            lock_retries: defaults.lock_retries,
+            lock_backoff: lockwait::default_backoff(),
             observer: Observer::default(),
             ignore_missing: false,
             environment: None,
@@ -113,7 +141,8 @@ impl Migrator {
     }
 
     /// A migrator as the configuration describes it: the folder
-    /// `migrations.dir`, the primary node, `migrations.lock_timeout`, and the
+    /// `migrations.dir`, the primary node, `migrations.lock_timeout`,
+    /// `migrations.lock_wait` and `migrations.lock_retries`, and the
     /// environment recorded in `pgstack_metadata` after every `up`.
     ///
     /// TLS follows `tls.mode` and `tls.root_cert` (rustls; the system's
@@ -125,7 +154,7 @@ impl Migrator {
         let migrations = Migrations::from_dir(&config.migrations.dir)?;
         let app = format!("{} migrations", config.query.application_name);
         let mut migrator = Migrator::new(migrations, &config.primary)
-            .lock_timeout(config.migrations.lock_timeout)
+            .with_settings(&config.migrations)
             .with_environment(config.environment);
         migrator.connect = connect_options(&config.primary, &app, PgSslMode::Prefer);
         Ok(migrator.tls(&config.tls))
@@ -146,6 +175,50 @@ impl Migrator {
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
+    }
+
+    /// The longest wait of a migration's statement for a table lock
+    /// (default 5 s): PostgreSQL's `lock_timeout`, set with `SET LOCAL`
+    /// inside each migration's transaction (with `SET`, and `RESET` after,
+    /// for a `-- no-transaction` file). A migration that waits longer is
+    /// rolled back and retried (see [`Migrator::lock_retries`]), so it never
+    /// holds the table's other queries in the lock queue for longer than
+    /// this. Zero sets no `lock_timeout` (wait as long as it takes) and so
+    /// never retries.
+    ///
+    /// A `-- no-transaction` file of `CONCURRENTLY` index statements runs
+    /// without it: they wait for older transactions by design (a timeout
+    /// would leave an INVALID index), and no reader or writer queues behind
+    /// their lock.
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// How often a migration that gave up waiting for a lock is tried
+    /// again before the run fails with [`Error::LockNotAvailable`]
+    /// (default 4; 0 tries once). A `-- no-transaction` file is retried
+    /// only when PostgreSQL runs it all-or-nothing (no transaction control,
+    /// nothing that commits on its own), so a retry never repeats half of
+    /// it.
+    pub fn lock_retries(mut self, retries: u32) -> Self {
+        self.lock_retries = retries;
+        self
+    }
+
+    /// The backoff between those attempts (default: 1 s doubling up to
+    /// 30 s, with equal jitter).
+    pub fn lock_retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.lock_backoff = backoff;
+        self
+    }
+
+    /// `lock_timeout`, `lock_wait` and `lock_retries` from the
+    /// configuration's `migrations` section (the folder is the caller's).
+    pub fn with_settings(self, settings: &MigrationSettings) -> Self {
+        self.lock_timeout(settings.lock_timeout)
+            .lock_wait(settings.lock_wait)
+            .lock_retries(settings.lock_retries)
     }
 
     /// The `application_name` of the migrator's session (what other
@@ -197,13 +270,19 @@ impl Migrator {
 
     async fn locked(&self) -> Result<Session> {
         let mut conn = self.connect().await?;
-        let database: String = sqlx::query_scalar("SELECT current_database()")
-            .fetch_one(&mut conn)
-            .await
-            .map_err(db("reading the database name"))?;
+        let (database, pid): (String, i32) =
+            sqlx::query_as("SELECT current_database(), pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(db("reading the database name"))?;
         let key = lock::lock_id(&database);
         match lock::acquire(&mut conn, key, self.lock_timeout, &self.observer).await {
-            Ok(waited) => Ok(Session { conn, key, waited }),
+            Ok(waited) => Ok(Session {
+                conn,
+                key,
+                pid,
+                waited,
+            }),
             Err(e) => {
                 let _ = conn.close().await;
                 Err(e)
@@ -218,20 +297,73 @@ impl Migrator {
     /// [`Error::Connect`], [`Error::Database`].
     pub async fn status(&self) -> Result<Status> {
         let mut conn = self.connect().await?;
-        let result = read_applied(&mut conn).await;
+        let result = async {
+            let (table_exists, applied) = read_applied(&mut conn).await?;
+            let invalid = invalid::list(&mut conn).await?;
+            Ok::<_, Error>((table_exists, applied, invalid))
+        }
+        .await;
         let _ = conn.close().await;
-        let (table_exists, applied) = result?;
-        Ok(compute_status(&self.migrations, &applied, table_exists))
+        let (table_exists, applied, invalid) = result?;
+        let mut status = compute_status(&self.migrations, &applied, table_exists);
+        status.invalid_indexes = self.attribute(invalid, &applied);
+        Ok(status)
     }
 
-    /// Compares applied checksums with the files. The report lists each
-    /// changed, missing or failed migration; [`Validation::into_result`]
-    /// turns it into an error for a non-zero exit.
+    /// Names the migration that builds each INVALID index, a failed one
+    /// first.
+    fn attribute(
+        &self,
+        mut indexes: Vec<InvalidIndex>,
+        applied: &BTreeMap<i64, AppliedRecord>,
+    ) -> Vec<InvalidIndex> {
+        for index in &mut indexes {
+            let builders: Vec<&Migration> = self
+                .migrations
+                .iter()
+                .filter(|m| invalid::built_by(index, m))
+                .collect();
+            let failed = builders
+                .iter()
+                .find(|m| applied.get(&m.version()).is_some_and(|r| !r.success));
+            index.version = failed.or(builders.first()).map(|m| m.version());
+        }
+        indexes
+    }
+
+    /// Compares applied checksums with the files, and lints the pending
+    /// migrations. The report lists each changed, missing or failed
+    /// migration, and the lint findings (warnings: they do not make it
+    /// fail); [`Validation::into_result`] turns problems into an error for
+    /// a non-zero exit.
     ///
     /// # Errors
     /// [`Error::Connect`], [`Error::Database`].
     pub async fn validate(&self) -> Result<Validation> {
-        Ok(self.status().await?.validation())
+        let status = self.status().await?;
+        let mut validation = status.validation();
+        let pending = status.in_state(MigrationState::Pending).map(|e| e.version);
+        let pending: Vec<&Migration> = pending.filter_map(|v| self.migrations.get(v)).collect();
+        validation.findings = lint::lint_migrations(pending).findings;
+        Ok(validation)
+    }
+
+    /// Lints the pending migrations (all of them on a database where none
+    /// is applied); [`Migrations::lint`] lints every file without a
+    /// database. Reads `_sqlx_migrations` only.
+    ///
+    /// # Errors
+    /// [`Error::Connect`], [`Error::Database`].
+    pub async fn lint(&self) -> Result<LintReport> {
+        let mut conn = self.connect().await?;
+        let result = read_applied(&mut conn).await;
+        let _ = conn.close().await;
+        let (_, applied) = result?;
+        Ok(lint::lint_migrations(
+            self.migrations
+                .iter()
+                .filter(|m| !applied.contains_key(&m.version())),
+        ))
     }
 
     /// The plan and the SQL of `up` or `down`, with nothing applied (a dry
@@ -249,6 +381,7 @@ impl Migrator {
             Operation::Up(target) => (Direction::Up, self.plan_up(&applied, target)?),
             Operation::Down(target) => (Direction::Down, self.plan_down(&applied, target)?),
         };
+        let mut findings = Vec::new();
         let steps = steps
             .into_iter()
             .filter_map(|m| {
@@ -256,6 +389,15 @@ impl Migrator {
                     Direction::Up => m.up(),
                     Direction::Down => m.down()?,
                 };
+                findings.extend(
+                    lint::lint_text(
+                        script.path(),
+                        Some(m.version()),
+                        script.sql(),
+                        script.no_transaction(),
+                    )
+                    .findings,
+                );
                 Some(PlannedStep {
                     version: m.version(),
                     description: m.description().to_owned(),
@@ -266,24 +408,32 @@ impl Migrator {
                 })
             })
             .collect();
-        Ok(Plan { steps })
+        Ok(Plan { steps, findings })
     }
 
     /// Applies pending migrations, each with its bookkeeping row in one
     /// transaction (files marked `-- no-transaction` run outside one), under
-    /// the migration lock.
+    /// the migration lock. Each migration waits at most
+    /// [`lock_wait`](Migrator::lock_wait) for a table lock and is retried
+    /// when it gives up ([`Event::LockNotAvailable`]).
     ///
     /// # Errors
     /// [`Error::ChecksumMismatch`], [`Error::MissingFile`], [`Error::Dirty`]
     /// before anything runs; [`Error::MigrationFailed`] naming the file and
-    /// line; [`Error::LockTimeout`]; [`Error::UnknownVersion`] for a target
-    /// not in the folder; connection and database errors.
+    /// line; [`Error::LockNotAvailable`] when a migration could not take its
+    /// locks on any attempt; [`Error::LockTimeout`];
+    /// [`Error::UnknownVersion`] for a target not in the folder; connection
+    /// and database errors.
     pub async fn up(&self, target: UpTarget) -> Result<Report> {
         let started = Instant::now();
         let mut session = self.locked().await?;
+        let mut watch = Watch::new(self.connect.clone(), session.pid, self.lock_wait);
         let mut steps = Vec::new();
-        let result = self.up_locked(&mut session.conn, target, &mut steps).await;
+        let result = self
+            .up_locked(&mut session.conn, &mut watch, target, &mut steps)
+            .await;
         let lock_wait = session.waited;
+        watch.close().await;
         session.close().await;
         self.finish(result, steps, lock_wait, started)
     }
@@ -291,6 +441,7 @@ impl Migrator {
     async fn up_locked(
         &self,
         conn: &mut PgConnection,
+        watch: &mut Watch,
         target: UpTarget,
         steps: &mut Vec<Step>,
     ) -> Result<()> {
@@ -308,7 +459,10 @@ impl Migrator {
         }
         let total = pending.len();
         for (i, m) in pending.into_iter().enumerate() {
-            steps.push(self.run_one(conn, m, Direction::Up, i + 1, total).await?);
+            steps.push(
+                self.run_one(conn, watch, m, Direction::Up, i + 1, total)
+                    .await?,
+            );
         }
         if let Some(env) = self.environment {
             metadata::write_environment(conn, env).await?;
@@ -317,19 +471,22 @@ impl Migrator {
     }
 
     /// Reverts applied migrations with their `.down.sql` files, newest first,
-    /// under the migration lock. Every down file is checked to exist before
-    /// anything runs.
+    /// under the migration lock, with the same lock wait and retries as
+    /// [`Migrator::up`]. Every down file is checked to exist before anything
+    /// runs.
     ///
     /// # Errors
     /// As [`Migrator::up`], and [`Error::MissingDown`].
     pub async fn down(&self, target: DownTarget) -> Result<Report> {
         let started = Instant::now();
         let mut session = self.locked().await?;
+        let mut watch = Watch::new(self.connect.clone(), session.pid, self.lock_wait);
         let mut steps = Vec::new();
         let result = self
-            .down_locked(&mut session.conn, target, &mut steps)
+            .down_locked(&mut session.conn, &mut watch, target, &mut steps)
             .await;
         let lock_wait = session.waited;
+        watch.close().await;
         session.close().await;
         self.finish(result, steps, lock_wait, started)
     }
@@ -337,6 +494,7 @@ impl Migrator {
     async fn down_locked(
         &self,
         conn: &mut PgConnection,
+        watch: &mut Watch,
         target: DownTarget,
         steps: &mut Vec<Step>,
     ) -> Result<()> {
@@ -345,7 +503,10 @@ impl Migrator {
         let plan = self.plan_down(&applied, target)?;
         let total = plan.len();
         for (i, m) in plan.into_iter().enumerate() {
-            steps.push(self.run_one(conn, m, Direction::Down, i + 1, total).await?);
+            steps.push(
+                self.run_one(conn, watch, m, Direction::Down, i + 1, total)
+                    .await?,
+            );
         }
         Ok(())
     }
@@ -422,7 +583,8 @@ impl Migrator {
 
     /// Removes the "failed" mark a no-transaction migration left in
     /// `_sqlx_migrations`, once the database has been repaired by hand.
-    /// Returns whether a mark was removed.
+    /// Returns whether a mark was removed. [`Migrator::repair_failed`] also
+    /// drops the INVALID indexes the migration left.
     ///
     /// # Errors
     /// Lock, connection and database errors.
@@ -437,6 +599,54 @@ impl Migrator {
                     .await
                     .map_err(db("removing the failed mark"))?;
             Ok(done.rows_affected() > 0)
+        }
+        .await;
+        session.close().await;
+        result
+    }
+
+    /// [`Migrator::forget_failed`] after dropping (`DROP INDEX CONCURRENTLY
+    /// IF EXISTS`) the INVALID indexes that the failed migration's `CREATE
+    /// INDEX CONCURRENTLY` left behind, so that running it again can build
+    /// them. Does nothing when `version` is not marked failed.
+    ///
+    /// # Errors
+    /// Lock, connection and database errors; an index that cannot be
+    /// dropped leaves the mark in place.
+    pub async fn repair_failed(&self, version: i64) -> Result<Repair> {
+        let mut session = self.locked().await?;
+        let result = async {
+            let conn = &mut session.conn;
+            ensure_table(conn).await?;
+            let marked: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1 AND NOT success)",
+            )
+            .bind(version)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db("looking for the failed mark"))?;
+            if !marked {
+                return Ok(Repair::default());
+            }
+            let mut dropped = Vec::new();
+            if let Some(m) = self.migrations.get(version) {
+                for mut index in invalid::list(conn).await? {
+                    if invalid::built_by(&index, m) {
+                        invalid::drop(conn, &index).await?;
+                        index.version = Some(version);
+                        dropped.push(index);
+                    }
+                }
+            }
+            sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1 AND NOT success")
+                .bind(version)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("removing the failed mark"))?;
+            Ok(Repair {
+                removed: true,
+                dropped_indexes: dropped,
+            })
         }
         .await;
         session.close().await;
@@ -596,6 +806,7 @@ impl Migrator {
     async fn run_one(
         &self,
         conn: &mut PgConnection,
+        watch: &mut Watch,
         m: &Migration,
         direction: Direction,
         index: usize,
@@ -618,51 +829,77 @@ impl Migrator {
         });
         tracing::debug!(version = m.version(), %direction, file = %script.path().display(), "running migration");
         let start = Instant::now();
-        let sql = sqlx::raw_sql(AssertSqlSafe(script.sql_arc()));
-        let failed = |source: sqlx::Error, dirty: bool| {
-            let f = describe_failure(script.sql(), &source);
-            tracing::error!(
-                version = m.version(), %direction, file = %script.path().display(),
-                line = ?f.line, code = ?f.code, message = %f.message, dirty,
-                "migration failed"
-            );
-            metrics::counter!("pgstack_migrations_failed_total", "direction" => direction.to_string())
-                .increment(1);
-            Error::MigrationFailed(Box::new(MigrationFailure {
-                version: m.version(),
-                direction,
-                file: script.path().to_owned(),
-                line: f.line,
-                message: f.message,
-                code: f.code,
-                no_transaction: script.no_transaction(),
-                dirty,
-                source,
-            }))
+        let shape = script.no_transaction().then(|| scan::shape(script.sql()));
+        // CONCURRENTLY waits for older transactions by design, queues no
+        // reader or writer behind it, and a timeout would leave an INVALID
+        // index: no lock_timeout for a file of such statements.
+        let lock_ms = match &shape {
+            Some(shape) if shape.only_concurrently => None,
+            _ => lockwait::timeout_ms(self.lock_wait),
         };
-        if script.no_transaction() {
-            if let Err(source) = sql.execute(&mut *conn).await {
-                let dirty = mark_failed(conn, m, direction, &source).await;
-                return Err(failed(source, dirty));
-            }
-            bookkeep(&mut *conn, m, direction, start.elapsed()).await?;
+        // A retry must not repeat half of a script: a no-transaction file
+        // is retried only when PostgreSQL runs it all-or-nothing.
+        let retryable = lock_ms.is_some() && shape.as_ref().is_none_or(|s| s.atomic);
+        let attempts = if retryable {
+            self.lock_retries.saturating_add(1)
         } else {
-            let mut tx = conn
-                .begin()
-                .await
-                .map_err(db("starting a migration transaction"))?;
-            if let Err(source) = sql.execute(&mut *tx).await {
-                let _ = tx.rollback().await;
-                return Err(failed(source, false));
+            1
+        };
+        let mut attempt = 1u32;
+        let mut previous_delay = Duration::ZERO;
+        // The lock wait seen last, on this attempt or an earlier one.
+        let mut conflict: Option<LockConflict> = None;
+        loop {
+            let run = self.attempt(conn, m, script, direction, lock_ms);
+            let result = if lock_ms.is_some() {
+                let (result, seen) = watch.during(run).await;
+                if seen.is_some() {
+                    conflict = seen;
+                }
+                result
+            } else {
+                run.await
+            };
+            let source = match result {
+                Ok(()) => break,
+                Err(Attempt::Other(e)) => return Err(e),
+                Err(Attempt::Script(source)) => source,
+            };
+            if retryable && lockwait::is_lock_not_available(&source) {
+                let retry_in =
+                    (attempt < attempts).then(|| self.lock_backoff.delay(attempt, previous_delay));
+                self.lock_not_available(m, script, attempt, attempts, retry_in, &conflict);
+                let Some(delay) = retry_in else {
+                    return Err(Error::LockNotAvailable(Box::new(LockFailure {
+                        version: m.version(),
+                        direction,
+                        file: script.path().to_owned(),
+                        attempts: attempt,
+                        lock_wait: self.lock_wait,
+                        conflict: conflict.take(),
+                        no_transaction: script.no_transaction(),
+                        source,
+                    })));
+                };
+                tokio::time::sleep(delay).await;
+                previous_delay = delay;
+                attempt += 1;
+                continue;
             }
-            bookkeep(&mut tx, m, direction, start.elapsed()).await?;
-            tx.commit().await.map_err(db("committing a migration"))?;
+            let dirty = script.no_transaction() && mark_failed(conn, m, direction, &source).await;
+            let left = match &shape {
+                Some(shape) if dirty && !shape.concurrent_indexes.is_empty() => {
+                    invalid_left_by(conn, m).await
+                }
+                _ => Vec::new(),
+            };
+            return Err(failure(m, direction, script, source, dirty, left));
         }
         let elapsed = start.elapsed();
         metrics::counter!("pgstack_migrations_applied_total", "direction" => direction.to_string())
             .increment(1);
         metrics::histogram!("pgstack_migration_duration_seconds").record(elapsed.as_secs_f64());
-        tracing::info!(version = m.version(), description = m.description(), %direction, elapsed = ?elapsed, "migration done");
+        tracing::info!(version = m.version(), description = m.description(), %direction, elapsed = ?elapsed, attempts = attempt, "migration done");
         self.observer.emit(&Event::Applied {
             version: m.version(),
             direction,
@@ -675,12 +912,163 @@ impl Migrator {
             elapsed,
         })
     }
+
+    /// One attempt at a script and its bookkeeping, with `lock_timeout` set
+    /// to `lock_ms` (none when `None`).
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        m: &Migration,
+        script: &Script,
+        direction: Direction,
+        lock_ms: Option<u64>,
+    ) -> std::result::Result<(), Attempt> {
+        let start = Instant::now();
+        let sql = sqlx::raw_sql(AssertSqlSafe(script.sql_arc()));
+        if script.no_transaction() {
+            if let Some(ms) = lock_ms {
+                sqlx::raw_sql(AssertSqlSafe(format!("SET lock_timeout = {ms}")))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| Attempt::Other(db("setting lock_timeout")(e)))?;
+            }
+            let result = sql.execute(&mut *conn).await;
+            if lock_ms.is_some()
+                && let Err(e) = sqlx::raw_sql("RESET lock_timeout")
+                    .execute(&mut *conn)
+                    .await
+            {
+                tracing::warn!(error = %e, "could not reset lock_timeout after a no-transaction migration");
+            }
+            result.map_err(Attempt::Script)?;
+            bookkeep(&mut *conn, m, direction, start.elapsed())
+                .await
+                .map_err(Attempt::Other)?;
+        } else {
+            let begun = match lock_ms {
+                Some(ms) => {
+                    conn.begin_with(AssertSqlSafe(format!(
+                        "BEGIN; SET LOCAL lock_timeout = {ms}"
+                    )))
+                    .await
+                }
+                None => conn.begin().await,
+            };
+            let mut tx =
+                begun.map_err(|e| Attempt::Other(db("starting a migration transaction")(e)))?;
+            if let Err(source) = sql.execute(&mut *tx).await {
+                let _ = tx.rollback().await;
+                return Err(Attempt::Script(source));
+            }
+            bookkeep(&mut tx, m, direction, start.elapsed())
+                .await
+                .map_err(Attempt::Other)?;
+            tx.commit()
+                .await
+                .map_err(|e| Attempt::Other(db("committing a migration")(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Reports an attempt that gave up waiting for a lock.
+    fn lock_not_available(
+        &self,
+        m: &Migration,
+        script: &Script,
+        attempt: u32,
+        attempts: u32,
+        retry_in: Option<Duration>,
+        conflict: &Option<LockConflict>,
+    ) {
+        let waited_for = conflict
+            .as_ref()
+            .map_or_else(|| "an unseen lock".to_owned(), ToString::to_string);
+        match retry_in {
+            Some(delay) => tracing::warn!(
+                version = m.version(), file = %script.path().display(), attempt, attempts,
+                retry_in = ?delay, lock_wait = ?self.lock_wait, waited_for = %waited_for,
+                "migration gave up waiting for a lock; rolled back, retrying"
+            ),
+            None => tracing::error!(
+                version = m.version(), file = %script.path().display(), attempts,
+                lock_wait = ?self.lock_wait, waited_for = %waited_for,
+                "migration could not get its locks on any attempt; giving up"
+            ),
+        }
+        metrics::counter!("pgstack_migration_lock_timeouts_total").increment(1);
+        self.observer.emit(&Event::LockNotAvailable {
+            version: m.version(),
+            description: m.description().to_owned(),
+            file: script.path().to_owned(),
+            attempt,
+            attempts,
+            lock_wait: self.lock_wait,
+            retry_in,
+            conflict: conflict.clone(),
+        });
+    }
+}
+
+/// Why an attempt failed: the script itself, or anything else.
+enum Attempt {
+    Script(sqlx::Error),
+    Other(Error),
+}
+
+/// The error of a failed script.
+fn failure(
+    m: &Migration,
+    direction: Direction,
+    script: &Script,
+    source: sqlx::Error,
+    dirty: bool,
+    invalid_indexes: Vec<String>,
+) -> Error {
+    let f = describe_failure(script.sql(), &source);
+    tracing::error!(
+        version = m.version(), %direction, file = %script.path().display(),
+        line = ?f.line, code = ?f.code, message = %f.message, dirty,
+        invalid_indexes = ?invalid_indexes,
+        "migration failed"
+    );
+    metrics::counter!("pgstack_migrations_failed_total", "direction" => direction.to_string())
+        .increment(1);
+    Error::MigrationFailed(Box::new(MigrationFailure {
+        version: m.version(),
+        direction,
+        file: script.path().to_owned(),
+        line: f.line,
+        message: f.message,
+        code: f.code,
+        no_transaction: script.no_transaction(),
+        dirty,
+        invalid_indexes,
+        source,
+    }))
+}
+
+/// The INVALID indexes `m`'s concurrent index builds left (best effort:
+/// none when they cannot be looked up).
+async fn invalid_left_by(conn: &mut PgConnection, m: &Migration) -> Vec<String> {
+    match invalid::list(conn).await {
+        Ok(list) => list
+            .iter()
+            .filter(|i| invalid::built_by(i, m))
+            .map(InvalidIndex::qualified_name)
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not look for INVALID indexes");
+            Vec::new()
+        }
+    }
 }
 
 /// The connection that holds the lock.
 struct Session {
     conn: PgConnection,
     key: i64,
+    /// The server process id of the session.
+    pid: i32,
     waited: Duration,
 }
 
@@ -826,6 +1214,7 @@ fn compute_status(
     Status {
         entries: entries.into_values().collect(),
         table_exists,
+        invalid_indexes: Vec::new(),
     }
 }
 

@@ -1,11 +1,13 @@
 //! Progress events and the callbacks that receive them.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Direction;
 use crate::lock::LockHolder;
+use crate::lockwait::LockConflict;
 
 /// What the migrator is doing, for a progress bar or a log.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +47,29 @@ pub enum Event {
         direction: Direction,
         /// How long its SQL and bookkeeping took.
         elapsed: Duration,
+    },
+    /// A migration gave up waiting for a lock (`migrations.lock_wait`,
+    /// SQLSTATE 55P03) and was rolled back. It is tried again after
+    /// `retry_in`, or, when that is `None`, the run fails with
+    /// [`Error::LockNotAvailable`](crate::Error::LockNotAvailable).
+    LockNotAvailable {
+        /// Its version.
+        version: i64,
+        /// Its description.
+        description: String,
+        /// The file that waited.
+        file: PathBuf,
+        /// The attempt that gave up (1 for the first).
+        attempt: u32,
+        /// How many attempts the migration gets in all.
+        attempts: u32,
+        /// How long the attempt waited for the lock.
+        lock_wait: Duration,
+        /// When the next attempt starts; `None` after the last one.
+        retry_in: Option<Duration>,
+        /// The lock it waited for and who held it up, as the migrator last
+        /// saw it (on this attempt or an earlier one).
+        conflict: Option<LockConflict>,
     },
     /// Versions were recorded as applied without running them.
     Baselined {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::error::Direction;
+use crate::invalid::InvalidIndex;
+use crate::lint::Finding;
 
 /// One row of `_sqlx_migrations`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +90,10 @@ pub struct Status {
     pub entries: Vec<StatusEntry>,
     /// Whether `_sqlx_migrations` exists yet.
     pub table_exists: bool,
+    /// INVALID indexes in the database (left by a failed `CREATE INDEX
+    /// CONCURRENTLY`, or being built right now), each with the migration
+    /// that builds it when one does.
+    pub invalid_indexes: Vec<InvalidIndex>,
 }
 
 impl Status {
@@ -117,7 +123,8 @@ impl Status {
             .all(|e| e.state == MigrationState::Applied)
     }
 
-    /// The problems `validate` reports.
+    /// The problems `validate` reports (without lint findings, which
+    /// [`Migrator::validate`](crate::Migrator::validate) adds).
     pub fn validation(&self) -> Validation {
         Validation {
             problems: self
@@ -126,6 +133,7 @@ impl Status {
                 .filter(|e| e.state.is_problem())
                 .cloned()
                 .collect(),
+            findings: Vec::new(),
         }
     }
 }
@@ -133,7 +141,11 @@ impl Status {
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.entries.is_empty() {
-            return f.write_str("no migrations");
+            f.write_str("no migrations")?;
+            if self.invalid_indexes.is_empty() {
+                return Ok(());
+            }
+            f.write_str("\n")?;
         }
         for e in &self.entries {
             writeln!(
@@ -144,7 +156,31 @@ impl fmt::Display for Status {
                 e.description
             )?;
         }
+        for index in &self.invalid_indexes {
+            writeln!(f, "INVALID index {index}: {}", invalid_advice(index, self))?;
+        }
         Ok(())
+    }
+}
+
+/// What to do about an INVALID index.
+pub(crate) fn invalid_advice(index: &InvalidIndex, status: &Status) -> String {
+    let failed = index.version.filter(|v| {
+        status
+            .entries
+            .iter()
+            .any(|e| e.version == *v && e.state == MigrationState::Failed)
+    });
+    match failed {
+        Some(v) => format!(
+            "left by the failed migration {v}; `migrate forget-failed {v}` drops it and clears \
+             the mark"
+        ),
+        None => format!(
+            "queries ignore it but writes still maintain it; unless it is being built right now, \
+             DROP INDEX CONCURRENTLY {} (or REINDEX INDEX CONCURRENTLY it)",
+            index.qualified_name()
+        ),
     }
 }
 
@@ -155,6 +191,9 @@ impl fmt::Display for Status {
 pub struct Validation {
     /// The entries with a problem; empty when the database is consistent.
     pub problems: Vec<StatusEntry>,
+    /// The linter's findings in the pending migrations: warnings, which do
+    /// not make the validation fail.
+    pub findings: Vec<Finding>,
 }
 
 impl Validation {
@@ -179,6 +218,37 @@ impl Validation {
 
 impl fmt::Display for Validation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_problems(f)?;
+        if !self.findings.is_empty() {
+            write!(
+                f,
+                "\n{} lint finding(s) in the pending migrations:",
+                self.findings.len()
+            )?;
+            write_findings(f, &self.findings)?;
+        }
+        Ok(())
+    }
+}
+
+/// One line per finding: `file:line: severity [rule] message`.
+pub(crate) fn write_findings(f: &mut fmt::Formatter<'_>, findings: &[Finding]) -> fmt::Result {
+    for finding in findings {
+        write!(
+            f,
+            "\n  {}:{}: {} [{}] {}",
+            finding.file.display(),
+            finding.line,
+            finding.severity,
+            finding.rule,
+            finding.message
+        )?;
+    }
+    Ok(())
+}
+
+impl Validation {
+    fn write_problems(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.problems.is_empty() {
             return f.write_str("all applied migrations match their files");
         }
@@ -237,6 +307,9 @@ pub struct PlannedStep {
 pub struct Plan {
     /// The steps in the order they would run.
     pub steps: Vec<PlannedStep>,
+    /// The linter's findings in the planned scripts (warnings; the plan
+    /// runs all the same).
+    pub findings: Vec<Finding>,
 }
 
 impl fmt::Display for Plan {
@@ -258,6 +331,17 @@ impl fmt::Display for Plan {
                     ""
                 }
             )?;
+            for finding in self
+                .findings
+                .iter()
+                .filter(|x| x.version == Some(s.version) && x.file == s.file)
+            {
+                writeln!(
+                    f,
+                    "-- lint {} [{}] line {}: {}",
+                    finding.severity, finding.rule, finding.line, finding.message
+                )?;
+            }
             f.write_str(&s.sql)?;
             if !s.sql.ends_with('\n') {
                 f.write_str("\n")?;
