@@ -127,4 +127,6 @@ pub use crate::stats::{
     QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
 };
 pub use pgstack_pool::{AcquirePhase, IsolationLevel, PoolError, PoolStatus, TransactionOptions};
+/// The state of a node's circuit breaker ([`Node::circuit_breaker`]).
+pub use pgstack_resilience::BreakerState;
 pub use tokio_postgres;

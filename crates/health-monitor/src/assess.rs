@@ -135,7 +135,7 @@ pub(crate) fn assess_cluster(nodes: &[NodeHealth]) -> (HealthStatus, Vec<Reason>
 mod tests {
     use std::time::Duration;
 
-    use pgstack_resilience::BreakerState;
+    use pgstack_connection::BreakerState;
 
     use crate::report::testing::{down, node, report};
     use crate::report::{HealthStatus, ReasonKind};

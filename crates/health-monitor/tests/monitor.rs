@@ -326,7 +326,7 @@ async fn a_node_that_answers_moves_its_open_breaker_to_half_open() {
     assert!(node.breaker_probe_requested);
     assert_eq!(
         node.breaker,
-        Some(pgstack_resilience::BreakerState::HalfOpen)
+        Some(pgstack_connection::BreakerState::HalfOpen)
     );
     assert!(breaker.state().allows_calls());
     // No waiting out the 10-minute open duration: a call goes through now.
