@@ -76,9 +76,10 @@ const LAYERS: &[(&str, &str, Option<&[&str]>)] = &[
             "pgstack-orchestrator",
         ]),
     ),
+    ("pgstack-localpg", "crates/localpg", Some(&[])),
     ("xtask", "xtask", None),
     ("pgstack-bench", "bench", None),
-    ("pgstack-tests", "tests", Some(&[])),
+    ("pgstack-tests", "tests", Some(&["pgstack-localpg"])),
 ];
 
 /// Lints the workspace must set, and the table they belong to.
