@@ -77,6 +77,7 @@ const LAYERS: &[(&str, &str, Option<&[&str]>)] = &[
         ]),
     ),
     ("pgstack-localpg", "crates/localpg", Some(&[])),
+    ("pgstack-cli", "crates/cli", None),
     ("xtask", "xtask", None),
     ("pgstack-bench", "bench", None),
     ("pgstack-tests", "tests", Some(&["pgstack-localpg"])),
@@ -242,13 +243,13 @@ fn check_edges(
             continue;
         }
         if dep.name == "pgstack-orchestrator"
-            && !matches!(package.name.as_str(), "pgstack" | "xtask")
+            && !matches!(package.name.as_str(), "pgstack" | "pgstack-cli" | "xtask")
         {
             out.push(Violation {
                 rule: "orchestrator-users",
                 place,
                 message: format!(
-                    "`{}` depends on pgstack-orchestrator; only the facade (pgstack) and xtask may; depend on the layer you need instead",
+                    "`{}` depends on pgstack-orchestrator; only the facade (pgstack), pgstack-cli and xtask may; depend on the layer you need instead",
                     package.name
                 ),
             });

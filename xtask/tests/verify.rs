@@ -141,3 +141,33 @@ fn the_local_server_crate_stays_a_leaf() {
         "{text}"
     );
 }
+
+#[test]
+fn the_cli_may_use_the_test_kit_only_in_its_tests() {
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(&root(), copy.path());
+
+    // pgstack-cli gets its development server from pgstack-localpg, never from the kit.
+    let manifest = copy.path().join("crates/cli/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen(
+        "[dependencies]\n",
+        "[dependencies]\npgstack-tests = { path = \"../../tests\" }\n",
+        1,
+    );
+    assert_ne!(
+        text, edited,
+        "crates/cli/Cargo.toml has no [dependencies] table"
+    );
+    std::fs::write(&manifest, edited).unwrap();
+
+    let (ok, text) = verify(copy.path());
+    assert!(
+        !ok,
+        "verify passed with the kit as a normal dependency of the CLI:\n{text}"
+    );
+    assert!(
+        text.contains("[test-kit-dev-only] crates/cli/Cargo.toml: `pgstack-cli` depends on pgstack-tests as a normal dependency"),
+        "{text}"
+    );
+}

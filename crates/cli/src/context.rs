@@ -3,8 +3,8 @@
 //! which database the command works on.
 //!
 //! With neither `--database-url` nor `DATABASE_URL` (nor `DB_HOST`) set, the
-//! target is the local development cluster under `target/pgstack-dev/`,
-//! started when needed.
+//! target is the local development cluster under the project's
+//! `target/pgstack-dev/`, started when needed.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use pgstack_config::{ConfigLoader, DatabaseConfig, Environment, NodeSettings};
-use pgstack_tests::DevCluster;
+use pgstack_localpg::DevCluster;
 
 /// Options shared by the commands that talk to a database.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct CommonArgs {
+pub struct CommonArgs {
     /// Environment: development, test, staging or production [default: APP_ENV / PGSTACK_ENV, else development].
     #[arg(long, value_name = "ENV")]
     pub(crate) env: Option<String>,
@@ -66,10 +66,7 @@ impl Context {
     /// Loads the configuration and decides the target, without touching any
     /// server. `dev_url` is filled in later by [`Context::ensure_dev`].
     pub(crate) fn resolve(args: &CommonArgs) -> anyhow::Result<Context> {
-        let mut loader = ConfigLoader::new();
-        if let Some(file) = &args.config {
-            loader = loader.file(file);
-        }
+        let mut loader = loader(args.config.as_deref());
         if let Some(name) = &args.env {
             let environment = Environment::from_str(name)?;
             loader = loader.environment(environment);
@@ -149,12 +146,25 @@ impl Context {
 }
 
 /// A relative folder (such as `migrations.dir`) is looked up in the current
-/// folder, then at the workspace root.
+/// folder, then in the project's root.
 pub(crate) fn resolve_dir(dir: &Path) -> PathBuf {
-    if dir.is_absolute() || dir.exists() {
-        return dir.to_path_buf();
+    crate::project::current().resolve(dir)
+}
+
+/// A configuration loader reading `file` when given; otherwise
+/// `PGSTACK_CONFIG`, else `./pgstack.toml`, else the project's `pgstack.toml`
+/// (when the command runs in a folder below the project's root).
+pub(crate) fn loader(file: Option<&Path>) -> ConfigLoader {
+    let loader = ConfigLoader::new();
+    if let Some(file) = file {
+        return loader.file(file);
     }
-    crate::verify::workspace_root()
-        .map(|root| root.join(dir))
-        .unwrap_or_else(|_| dir.to_path_buf())
+    let here = Path::new(pgstack_config::DEFAULT_FILE);
+    if std::env::var_os(pgstack_config::CONFIG_FILE_VAR).is_none()
+        && !here.is_file()
+        && let Some(file) = crate::project::current().config_file()
+    {
+        return loader.file(file);
+    }
+    loader
 }

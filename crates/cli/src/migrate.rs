@@ -24,9 +24,9 @@ use crate::context::{CommonArgs, Context, resolve_dir};
 use crate::db::out;
 use crate::guard::{self, Action};
 
-/// Arguments of `cargo xtask migrate`.
+/// Arguments of `pgstack migrate`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct MigrateArgs {
+pub struct MigrateArgs {
     #[command(subcommand)]
     command: MigrateCommand,
 }
