@@ -2,9 +2,10 @@
 //! `--config`, `--json`, `--verbose`, `--timeout`, the loaded configuration, and
 //! which database the command works on.
 //!
-//! With neither `--database-url` nor `DATABASE_URL` (nor `DB_HOST`) set, the
-//! target is the local development cluster under the project's
-//! `target/pgstack-dev/`, started when needed.
+//! With no primary configured (no `--database-url`, `DATABASE_URL`,
+//! `DB_HOST`/`DB_PORT`/`DB_NAME`, nor a primary in `pgstack.toml` for the
+//! environment), the target is the local development cluster under the
+//! project's `target/pgstack-dev/`, started when needed.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use pgstack_config::{ConfigLoader, DatabaseConfig, Environment, NodeSettings};
+use pgstack_config::{ConfigLoader, DatabaseConfig, Environment, NodeSettings, Source};
 use pgstack_localpg::DevCluster;
 
 /// Options shared by the commands that talk to a database.
@@ -24,9 +25,12 @@ pub struct CommonArgs {
     /// The database to work on [default: DATABASE_URL, else the local development cluster].
     #[arg(long, value_name = "URL", hide_env_values = true)]
     pub(crate) database_url: Option<String>,
-    /// The configuration file [default: pgstack.toml, or PGSTACK_CONFIG].
+    /// The configuration file [default: PGSTACK_CONFIG, else pgstack.toml here, else the project's].
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// The migrations folder [default: migrations.dir of the configuration, `migrations`].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) migrations: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -36,7 +40,7 @@ pub struct CommonArgs {
     /// Give up after this long (e.g. 30s, 2m).
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
-    /// The folder of the development server [default: target/pgstack-dev].
+    /// The folder of the development server [default: the project's target/pgstack-dev].
     #[arg(long, env = "PGSTACK_DEV_DIR", value_name = "DIR")]
     pub(crate) dev_dir: Option<PathBuf>,
 }
@@ -71,15 +75,25 @@ impl Context {
             let environment = Environment::from_str(name)?;
             loader = loader.environment(environment);
         }
-        let configured = args.database_url.is_some()
-            || std::env::var_os("DATABASE_URL").is_some()
-            || std::env::var_os("DB_HOST").is_some();
         if let Some(url) = &args.database_url {
             // The error never repeats the URL: it may hold a password.
             let node = NodeSettings::from_url(url).context("--database-url is not a usable URL")?;
             loader = loader.with(move |config| config.primary = node);
         }
-        let config = loader.load()?;
+        if let Some(dir) = args.migrations.clone() {
+            loader = loader.with(move |config| config.migrations.dir = dir);
+        }
+        let explained = loader.load_explained()?;
+        // The primary is configured when its host, port or database came from
+        // somewhere a person put it: --database-url, DATABASE_URL, DB_HOST /
+        // DB_PORT / DB_NAME, pgstack.toml or a PGSTACK_PRIMARY__… variable.
+        let configured = explained.entries().iter().any(|entry| {
+            matches!(
+                entry.key(),
+                "primary.host" | "primary.port" | "primary.database"
+            ) && !matches!(entry.source(), Source::Default | Source::Profile(_))
+        });
+        let config = explained.into_config();
         let target = if configured {
             Target::Configured
         } else {
