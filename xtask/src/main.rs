@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     #[command(flatten)]
-    Pgstack(pgstack_cli::Command),
+    Pgstack(Box<pgstack_cli::Command>),
     /// Run what CI runs: the format check, clippy with -D warnings, and the workspace's tests.
     Ci(ci::CiArgs),
     /// Check the architecture rules: layering, crate hygiene, lints, documented configuration keys.

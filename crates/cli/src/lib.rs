@@ -4,7 +4,8 @@
 //! Run in a service's folder, it works on that folder's own `pgstack.toml`,
 //! `migrations/` and `DATABASE_URL` (see [`Project`] for how the folder is
 //! found): the local development server (`db-up`, `db-down`, `db-status`),
-//! `db-reset`, `migrate …`, `health`, `backup`, `restore` and `config`.
+//! `db-reset`, `migrate …`, `health`, `backup`, `restore`, `config`, and
+//! `doctor` (a DBA's checks; the library part is [`doctor`]).
 //! With no `DATABASE_URL`, the database commands use a development
 //! PostgreSQL under the project's `target/pgstack-dev/`, which they start.
 //!
@@ -30,7 +31,7 @@
 //! #[command(name = "cargo xtask")]
 //! enum Xtask {
 //!     #[command(flatten)]
-//!     Pgstack(pgstack_cli::Command),
+//!     Pgstack(Box<pgstack_cli::Command>), // boxed: the commands' options are large
 //!     /// Load the demo data (a command of the service's own).
 //!     Demo,
 //! }
@@ -59,6 +60,7 @@ mod config;
 mod context;
 mod db;
 mod db_reset;
+pub mod doctor;
 mod guard;
 mod health;
 mod migrate;
@@ -70,6 +72,7 @@ pub use crate::config::ConfigArgs;
 pub use crate::context::CommonArgs;
 pub use crate::db::{DbDownArgs, DbStatusArgs, DbUpArgs};
 pub use crate::db_reset::DbResetArgs;
+pub use crate::doctor::command::DoctorArgs;
 pub use crate::health::HealthArgs;
 pub use crate::migrate::MigrateArgs;
 pub use crate::project::Project;
@@ -106,6 +109,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a dump with pg_restore into a database (guarded like db-reset when it replaces data).
     Restore(RestoreArgs),
+    /// Check the database as a DBA would: each finding with evidence, why it matters and the SQL
+    /// that fixes it; exit 0 nothing found, 1 warnings, 2 critical.
+    Doctor(DoctorArgs),
 }
 
 impl Command {
@@ -148,6 +154,7 @@ impl Command {
             Command::Health(args) => health::run(args),
             Command::Backup(args) => backup::backup(args),
             Command::Restore(args) => backup::restore(args),
+            Command::Doctor(args) => doctor::command::run(args),
         }
     }
 }

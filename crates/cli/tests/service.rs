@@ -1,7 +1,7 @@
 //! The `pgstack` binary in a service's folder that is not this workspace: a
 //! temporary folder with its own `pgstack.toml` and `migrations/` (two
-//! migrations of its own), pointed at a kit server. Every command works on
-//! that folder's schema only.
+//! migrations of its own), pointed at a kit server. db-reset, migrate, health,
+//! config and doctor all work on that folder's schema only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -170,6 +170,31 @@ async fn every_command_works_on_the_service_folder_and_its_schema_only() {
         "{config}"
     );
     assert_eq!(entry("query.application_name")["value"], "ledger");
+
+    // doctor: the service's own foreign key without an index, and nothing else.
+    let out = service.pgstack(&["doctor", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let doctor = json(&out);
+    assert_eq!(doctor["database"], "ledger", "{doctor}");
+    let findings: Vec<(String, String)> = doctor["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["check"].as_str().unwrap().to_owned(),
+                f["subject"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        findings,
+        [(
+            "fk_without_index".to_owned(),
+            "public.entries (account_id)".to_owned()
+        )],
+        "{doctor}"
+    );
 
     // DATABASE_URL wins over the file: another database gets the same schema.
     let out = ok(service
