@@ -79,7 +79,12 @@ pub use crate::project::Project;
 
 /// The `pgstack` command line: one of its [`Command`]s.
 #[derive(Debug, Parser)]
-#[command(name = "pgstack", version, about, long_about = None)]
+#[command(
+    name = "pgstack",
+    version,
+    about = "The operator's command line for a service on pgstack: its development database, migrations, health, backups, configuration and a DBA's checks.",
+    long_about = None
+)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
