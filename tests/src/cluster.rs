@@ -3,15 +3,14 @@
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::binaries::PgBinaries;
-use crate::error::KitError;
-use crate::server::{Layout, Server, free_port};
+use pgstack_localpg::Error as KitError;
+use pgstack_localpg::{Layout, PgBinaries, Server, free_port};
 
 /// The address every kit server listens on.
 const HOST: &str = "127.0.0.1";
@@ -90,41 +89,11 @@ pub(crate) async fn connect(url: &str, describe: &str) -> Result<Client, KitErro
     Ok(client)
 }
 
-/// Starts a detached shell that waits for this process to end, then stops the
-/// server in `layout` (immediate shutdown) and removes `layout.root` (unless
-/// `PGSTACK_KIT_KEEP` is set).
-pub(crate) fn spawn_watchdog(layout: &Layout) -> Result<Child, KitError> {
-    use std::os::unix::process::CommandExt;
-    const SCRIPT: &str = r#"
-while kill -0 "$1" 2>/dev/null; do sleep 1; done
-if [ -f "$3/postmaster.pid" ]; then
-  p=$(head -n 1 "$3/postmaster.pid")
-  if [ -n "$p" ]; then
-    kill -QUIT "$p" 2>/dev/null
-    i=0
-    while [ "$i" -lt 20 ] && [ -f "$3/postmaster.pid" ]; do sleep 0.25; i=$((i + 1)); done
-    if [ -f "$3/postmaster.pid" ]; then kill -KILL "$p" 2>/dev/null; fi
-  fi
-fi
-if [ "$4" != keep ]; then rm -rf "$2"; fi
-"#;
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg("pgstack-kit-watchdog")
-        .arg(std::process::id().to_string())
-        .arg(&layout.root)
-        .arg(&layout.data)
-        .arg(if keep_requested() { "keep" } else { "remove" })
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .current_dir("/")
-        // Its own process group: a signal to the test's group (Ctrl-C, a test
-        // runner's timeout) must not take the watchdog with it.
-        .process_group(0)
-        .spawn()
-        .map_err(|source| KitError::io("starting the cleanup watchdog (/bin/sh)", source))
+/// The kit's watchdog: removes the server in `layout` if the test process
+/// dies without dropping its cluster; keeps the files when `PGSTACK_KIT_KEEP`
+/// is set.
+fn spawn_watchdog(layout: &Layout) -> Result<Child, KitError> {
+    pgstack_localpg::spawn_watchdog(layout, keep_requested())
 }
 
 fn new_root(prefix: &str) -> Result<PathBuf, KitError> {
@@ -162,7 +131,7 @@ impl TestCluster {
             watchdog: Mutex::new(None),
         };
         cluster.server.prepare_root()?;
-        cluster.set_watchdog(spawn_watchdog(&cluster.server.layout)?);
+        cluster.set_watchdog(spawn_watchdog(cluster.server.layout())?);
         cluster.server.init_from_template()?;
         cluster.port = cluster.server.start(free_port()?, true)?;
         tracing::debug!(port = cluster.port, root = %root.display(), "test cluster started");
@@ -205,18 +174,18 @@ impl TestCluster {
 
     /// The server log (kept across restarts).
     pub fn log_path(&self) -> PathBuf {
-        self.server.layout.log.clone()
+        self.server.layout().log.clone()
     }
 
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
-        &self.server.layout.data
+        &self.server.layout().data
     }
 
     /// The Unix socket folder (`None` when its path would be too long for a
     /// socket and Unix sockets are off).
     pub fn socket_dir(&self) -> Option<&Path> {
-        self.server.layout.sock.as_deref()
+        self.server.layout().sock.as_deref()
     }
 
     /// The last `lines` lines of the server log.
@@ -226,7 +195,7 @@ impl TestCluster {
 
     /// The binaries this server runs.
     pub fn binaries(&self) -> &PgBinaries {
-        &self.server.bins
+        self.server.binaries()
     }
 
     /// Whether this is a replica made by [`TestCluster::replica`].
@@ -345,7 +314,7 @@ impl TestCluster {
     /// new folder, its own port, hot standby, started and accepting read-only
     /// connections.
     pub async fn replica(&self) -> anyhow::Result<TestCluster> {
-        let bins = self.server.bins.clone();
+        let bins = self.server.binaries().clone();
         let primary_port = self.port;
         blocking(move || {
             let root = new_root("pgstack-kit-replica-")?;
@@ -357,7 +326,7 @@ impl TestCluster {
                 watchdog: Mutex::new(None),
             };
             replica.server.prepare_root()?;
-            replica.set_watchdog(spawn_watchdog(&replica.server.layout)?);
+            replica.set_watchdog(spawn_watchdog(replica.server.layout())?);
             replica.server.base_backup_from(primary_port)?;
             replica.port = replica.server.start(free_port()?, true)?;
             tracing::debug!(port = replica.port, primary_port, "test replica started");
@@ -558,8 +527,8 @@ impl Drop for TestCluster {
                     std::io::stderr(),
                     "pgstack-tests: {why}; kept the PostgreSQL server files of port {} in {} (log: {})",
                     self.port,
-                    self.server.layout.root.display(),
-                    self.server.layout.log.display()
+                    self.server.layout().root.display(),
+                    self.server.layout().log.display()
                 );
             }
             None => {

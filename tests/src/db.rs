@@ -8,7 +8,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
 use crate::cluster::{TestCluster, connect};
-use crate::error::KitError;
+use pgstack_localpg::Error as KitError;
 
 /// A fresh, empty database created for one test and dropped afterwards.
 ///

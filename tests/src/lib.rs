@@ -7,11 +7,13 @@
 //! - [`ChaosProxy`]: a loopback TCP proxy that adds latency, resets, refuses or
 //!   black-holes connections on demand.
 //! - [`DevCluster`]: the persistent development server behind
-//!   `cargo xtask db-up`.
+//!   `pgstack db-up` (re-exported from `pgstack-localpg`).
 //!
 //! The server binaries are found on `PATH`, through `pg_config --bindir`, or
 //! under `/usr/lib/postgresql/*/bin` (see [`PgBinaries`]). When the tests run
-//! as root, servers run as the `postgres` user.
+//! as root, servers run as the `postgres` user. Finding the binaries and
+//! running a server live in `pgstack-localpg`, which the `pgstack` command
+//! line shares; this crate re-exports what it needs from there.
 //!
 //! ```no_run
 //! use pgstack_tests::{ChaosProxy, ProxyMode, TestCluster, TestDb};
@@ -31,22 +33,17 @@
 //! }
 //! ```
 //!
-//! This crate depends on no pgstack crate, so every pgstack crate can use it
-//! in its tests.
+//! This crate depends on no pgstack crate of the stack (only on the leaf
+//! `pgstack-localpg`), so every pgstack crate can use it in its tests.
 
-mod binaries;
 mod cluster;
 mod db;
-mod dev;
-mod error;
 mod proxy;
-mod server;
 
-pub use binaries::PgBinaries;
 pub use cluster::TestCluster;
 pub use db::TestDb;
-pub use dev::{DevCluster, DevStatus, DevUp};
-pub use error::KitError;
+pub use pgstack_localpg::Error as KitError;
+pub use pgstack_localpg::{DevCluster, DevStatus, DevUp, PgBinaries};
 pub use proxy::{ChaosProxy, ProxyMode, ProxyStats};
 
 /// Connects to `url` with tokio-postgres (no TLS) and spawns the connection

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::error::KitError;
+use pgstack_localpg::Error as KitError;
 
 /// What a [`ChaosProxy`] does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

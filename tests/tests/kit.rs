@@ -482,7 +482,11 @@ async fn child_panics_with_a_cluster() {
 
 #[test]
 fn missing_binaries_say_how_to_fix_it() {
-    let error = PgBinaries::in_dir("/nonexistent/pg/bin").unwrap_err();
+    // Typed (pgstack-localpg's error); through `?` in an anyhow function it
+    // still downcasts to KitError.
+    let error: anyhow::Error = PgBinaries::in_dir("/nonexistent/pg/bin")
+        .unwrap_err()
+        .into();
     let kit = error.downcast_ref::<KitError>().unwrap();
     assert!(matches!(kit, KitError::NoBinaries { .. }));
     let text = error.to_string();

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 
-use crate::db::out;
+use crate::out;
 
 /// Arguments of `cargo xtask ci` (none: it runs what CI runs).
 #[derive(Debug, clap::Args)]

@@ -1,23 +1,19 @@
 //! `cargo xtask`: the operator's tools for pgstack.
 //!
-//! One binary, one small module per command. Exit codes: 0 success,
-//! 1 failure, 2 usage error (clap's own).
+//! One binary, one small module per command of its own (verify, ci, bench,
+//! soak); the operator commands (db-up/down/status, db-reset, migrate,
+//! health, backup, restore, config) are pgstack-cli's, flattened in, and run
+//! on this workspace. Exit codes: 0 success, 1 failure, 2 usage error
+//! (clap's own).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pgstack_cli::Project;
 
-mod backup;
 mod bench;
 mod ci;
-mod config;
-mod context;
-mod db;
-mod db_reset;
-mod guard;
-mod health;
-mod migrate;
-mod progress;
 mod soak;
 mod verify;
 
@@ -31,24 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the effective configuration, with the source of each value.
-    Config(config::ConfigArgs),
-    /// Start the local development PostgreSQL under target/ and print its DATABASE_URL.
-    DbUp(db::DbUpArgs),
-    /// Stop the local development PostgreSQL.
-    DbDown(db::DbDownArgs),
-    /// Tell whether the local development PostgreSQL is running, and where.
-    DbStatus(db::DbStatusArgs),
-    /// Drop and recreate the application database, migrate it, optionally seed it.
-    DbReset(db_reset::DbResetArgs),
-    /// Database migrations: status, up, down, validate, dry-run, new, baseline, forget-failed.
-    Migrate(migrate::MigrateArgs),
-    /// One health report of the cluster: exit 0 healthy, 1 degraded, 2 unhealthy.
-    Health(health::HealthArgs),
-    /// Dump the database with pg_dump (custom format) to a file, with progress.
-    Backup(backup::BackupArgs),
-    /// Restore a dump with pg_restore into a database (guarded like db-reset when it replaces data).
-    Restore(backup::RestoreArgs),
+    #[command(flatten)]
+    Pgstack(Box<pgstack_cli::Command>),
     /// Run what CI runs: the format check, clippy with -D warnings, and the workspace's tests.
     Ci(ci::CiArgs),
     /// Check the architecture rules: layering, crate hygiene, lints, documented configuration keys.
@@ -59,18 +39,24 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// This workspace as pgstack-cli's project: messages say `cargo xtask`, and
+/// the development server stays where it always was, `target/pgstack-dev`
+/// under `CARGO_TARGET_DIR` when that is set.
+fn project() -> anyhow::Result<Project> {
+    let root = verify::workspace_root()?;
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => root.join("target"),
+    };
+    Ok(Project::at(root)
+        .named("cargo xtask")
+        .with_target_dir(target))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Config(args) => config::run(args),
-        Command::DbUp(args) => db::up(args),
-        Command::DbDown(args) => db::down(args),
-        Command::DbStatus(args) => db::status(args),
-        Command::DbReset(args) => db_reset::run(args),
-        Command::Migrate(args) => migrate::run(args),
-        Command::Health(args) => health::run(args),
-        Command::Backup(args) => backup::backup(args),
-        Command::Restore(args) => backup::restore(args),
+        Command::Pgstack(command) => project().map(|project| command.run_with(&project)),
         Command::Ci(args) => ci::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Soak(args) => soak::run(args),
@@ -86,4 +72,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes to standard output (the command's result, meant for the user).
+pub(crate) fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    stdout.flush()?;
+    Ok(())
 }

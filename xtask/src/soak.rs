@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
-use crate::db::out;
+use crate::out;
 
 /// The suites with load-and-fault scenarios.
 const SUITES: [&str; 3] = ["e2e_restart", "e2e_network", "e2e_lifecycle"];

@@ -76,9 +76,11 @@ const LAYERS: &[(&str, &str, Option<&[&str]>)] = &[
             "pgstack-orchestrator",
         ]),
     ),
+    ("pgstack-localpg", "crates/localpg", Some(&[])),
+    ("pgstack-cli", "crates/cli", None),
     ("xtask", "xtask", None),
     ("pgstack-bench", "bench", None),
-    ("pgstack-tests", "tests", Some(&[])),
+    ("pgstack-tests", "tests", Some(&["pgstack-localpg"])),
 ];
 
 /// Lints the workspace must set, and the table they belong to.
@@ -241,13 +243,13 @@ fn check_edges(
             continue;
         }
         if dep.name == "pgstack-orchestrator"
-            && !matches!(package.name.as_str(), "pgstack" | "xtask")
+            && !matches!(package.name.as_str(), "pgstack" | "pgstack-cli" | "xtask")
         {
             out.push(Violation {
                 rule: "orchestrator-users",
                 place,
                 message: format!(
-                    "`{}` depends on pgstack-orchestrator; only the facade (pgstack) and xtask may; depend on the layer you need instead",
+                    "`{}` depends on pgstack-orchestrator; only the facade (pgstack), pgstack-cli and xtask may; depend on the layer you need instead",
                     package.name
                 ),
             });

@@ -56,7 +56,7 @@ fn a_forbidden_edge_is_named_precisely() {
     let copy = tempfile::tempdir().unwrap();
     copy_tree(&root(), copy.path());
 
-    // The test kit's library must not depend on any pgstack crate.
+    // The test kit's library must not depend on any pgstack crate of the stack.
     let manifest = copy.path().join("tests/Cargo.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     let edited = text.replacen(
@@ -74,7 +74,7 @@ fn a_forbidden_edge_is_named_precisely() {
     assert!(!ok, "verify passed with a forbidden edge:\n{text}");
     assert!(
         text.contains(
-            "[layering] tests/Cargo.toml: forbidden dependency `pgstack-tests` -> `pgstack-config`; `pgstack-tests` may depend only on: no pgstack crate"
+            "[layering] tests/Cargo.toml: forbidden dependency `pgstack-tests` -> `pgstack-config`; `pgstack-tests` may depend only on: pgstack-localpg"
         ),
         "{text}"
     );
@@ -106,6 +106,68 @@ fn the_test_kit_as_a_normal_dependency_is_refused() {
     );
     assert!(
         text.contains("[test-kit-dev-only] crates/migrations/Cargo.toml: `pgstack-migrations` depends on pgstack-tests as a normal dependency"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_local_server_crate_stays_a_leaf() {
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(&root(), copy.path());
+
+    // pgstack-localpg is shared by the test kit and the CLI: it may use no pgstack crate.
+    let manifest = copy.path().join("crates/localpg/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen(
+        "[dependencies]\n",
+        "[dependencies]\npgstack-config = { path = \"../config\" }\n",
+        1,
+    );
+    assert_ne!(
+        text, edited,
+        "crates/localpg/Cargo.toml has no [dependencies] table"
+    );
+    std::fs::write(&manifest, edited).unwrap();
+
+    let (ok, text) = verify(copy.path());
+    assert!(
+        !ok,
+        "verify passed with pgstack-localpg depending on the stack:\n{text}"
+    );
+    assert!(
+        text.contains(
+            "[layering] crates/localpg/Cargo.toml: forbidden dependency `pgstack-localpg` -> `pgstack-config`; `pgstack-localpg` may depend only on: no pgstack crate"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_cli_may_use_the_test_kit_only_in_its_tests() {
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(&root(), copy.path());
+
+    // pgstack-cli gets its development server from pgstack-localpg, never from the kit.
+    let manifest = copy.path().join("crates/cli/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen(
+        "[dependencies]\n",
+        "[dependencies]\npgstack-tests = { path = \"../../tests\" }\n",
+        1,
+    );
+    assert_ne!(
+        text, edited,
+        "crates/cli/Cargo.toml has no [dependencies] table"
+    );
+    std::fs::write(&manifest, edited).unwrap();
+
+    let (ok, text) = verify(copy.path());
+    assert!(
+        !ok,
+        "verify passed with the kit as a normal dependency of the CLI:\n{text}"
+    );
+    assert!(
+        text.contains("[test-kit-dev-only] crates/cli/Cargo.toml: `pgstack-cli` depends on pgstack-tests as a normal dependency"),
         "{text}"
     );
 }

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use pgstack_connection::{Role, WalPosition};
 use pgstack_connection::BreakerState;
+use pgstack_connection::{Role, WalPosition};
 use serde::Serialize;
 
 use crate::alert::ActiveAlert;

@@ -1,4 +1,4 @@
-//! `cargo xtask config`, run as the real binary with a clean environment, a
+//! `pgstack config`, run as the real binary with a clean environment, a
 //! temp `pgstack.toml`, and variables set on the command.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -8,9 +8,9 @@ use std::process::{Command, Output};
 
 const SECRET: &str = "s3cret-Xy7";
 
-/// Runs `xtask config <args>` in `dir` with only `vars` in its environment.
-fn xtask_config(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+/// Runs `pgstack config <args>` in `dir` with only `vars` in its environment.
+fn pgstack_config(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pgstack"));
     command
         .arg("config")
         .args(args)
@@ -45,7 +45,7 @@ fn prints_every_key_with_its_value_and_source() {
         "[default]\npool.max_size = 20\n\n[staging]\nquery.application_name = \"bills\"\n",
     )
     .unwrap();
-    let output = xtask_config(
+    let output = pgstack_config(
         dir.path(),
         &[],
         &[
@@ -107,7 +107,7 @@ fn prints_every_key_with_its_value_and_source() {
 #[test]
 fn json_output_has_each_key_value_and_source() {
     let dir = tempfile::tempdir().unwrap();
-    let output = xtask_config(
+    let output = pgstack_config(
         dir.path(),
         &["--json", "--env", "production"],
         &[
@@ -151,7 +151,7 @@ fn the_file_flag_names_the_file_and_it_must_exist() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("elsewhere.toml");
     std::fs::write(&path, "[default]\n# a comment\nhealth.interval = \"7s\"\n").unwrap();
-    let output = xtask_config(dir.path(), &["--file", path.to_str().unwrap()], &[]);
+    let output = pgstack_config(dir.path(), &["--file", path.to_str().unwrap()], &[]);
     let (stdout, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(
@@ -159,7 +159,7 @@ fn the_file_flag_names_the_file_and_it_must_exist() {
         "{stdout}"
     );
 
-    let output = xtask_config(dir.path(), &["--file", "missing.toml"], &[]);
+    let output = pgstack_config(dir.path(), &["--file", "missing.toml"], &[]);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(1));
     assert!(
@@ -176,7 +176,7 @@ fn invalid_input_prints_every_problem_and_exits_1() {
         "[default]\npool.min_idle = 40\npool.max_szie = 3\n\n[production]\ntls.mode = \"prefer\"\n",
     )
     .unwrap();
-    let output = xtask_config(
+    let output = pgstack_config(
         dir.path(),
         &[],
         &[
@@ -221,7 +221,7 @@ fn invalid_input_prints_every_problem_and_exits_1() {
 #[test]
 fn invalid_input_as_json() {
     let dir = tempfile::tempdir().unwrap();
-    let output = xtask_config(
+    let output = pgstack_config(
         dir.path(),
         &["--json"],
         &[
@@ -249,7 +249,7 @@ fn invalid_input_as_json() {
 #[test]
 fn an_unknown_env_flag_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let output = xtask_config(dir.path(), &["--env", "qa"], &[]);
+    let output = pgstack_config(dir.path(), &["--env", "qa"], &[]);
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(1));
     assert!(

@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::error::KitError;
+use crate::error::Error;
 
 /// The folder holding `initdb`, `pg_ctl`, `postgres`, `pg_basebackup`, ... and
 /// the user the server runs as.
@@ -49,20 +49,26 @@ fn version_key(name: &OsStr) -> Vec<u64> {
 impl PgBinaries {
     /// Finds the server binaries (see the type's documentation for the order)
     /// and, when running as root, the user to run them as.
-    pub fn find() -> anyhow::Result<PgBinaries> {
+    ///
+    /// # Errors
+    /// [`Error::NoBinaries`] when no folder holds them; [`Error::NoServerUser`]
+    /// when running as root without a user to run the server as.
+    pub fn find() -> Result<PgBinaries, Error> {
         let bindir = find_bindir()?;
         let user = server_user()?;
         Ok(PgBinaries { bindir, user })
     }
 
     /// Uses the binaries in `bindir` (still picking the server user when root).
-    pub fn in_dir(bindir: impl Into<PathBuf>) -> anyhow::Result<PgBinaries> {
+    ///
+    /// # Errors
+    /// [`Error::NoBinaries`] when `bindir` lacks `initdb`, `pg_ctl` or `postgres`.
+    pub fn in_dir(bindir: impl Into<PathBuf>) -> Result<PgBinaries, Error> {
         let bindir = bindir.into();
         if !has_server_binaries(&bindir) {
-            return Err(KitError::NoBinaries {
+            return Err(Error::NoBinaries {
                 searched: bindir.display().to_string(),
-            }
-            .into());
+            });
         }
         Ok(PgBinaries {
             bindir,
@@ -95,7 +101,10 @@ impl PgBinaries {
     }
 
     /// The version printed by `postgres --version`, e.g. `"15.8"`.
-    pub fn version(&self) -> anyhow::Result<String> {
+    ///
+    /// # Errors
+    /// When `postgres --version` cannot be run or fails.
+    pub fn version(&self) -> Result<String, Error> {
         let output = run(
             self.command("postgres").arg("--version"),
             "postgres --version",
@@ -111,7 +120,10 @@ impl PgBinaries {
     }
 
     /// The major version (`15`), from `postgres --version`.
-    pub fn major_version(&self) -> anyhow::Result<u32> {
+    ///
+    /// # Errors
+    /// As [`PgBinaries::version`].
+    pub fn major_version(&self) -> Result<u32, Error> {
         let version = self.version()?;
         Ok(version
             .split('.')
@@ -148,7 +160,7 @@ impl PgBinaries {
     }
 
     /// Hands `path` (not recursively) to the server user, when there is one.
-    pub(crate) fn give(&self, path: &Path) -> Result<(), KitError> {
+    pub(crate) fn give(&self, path: &Path) -> Result<(), Error> {
         if let Some(user) = &self.user {
             nix::unistd::chown(
                 path,
@@ -156,7 +168,7 @@ impl PgBinaries {
                 Some(nix::unistd::Gid::from_raw(user.gid)),
             )
             .map_err(|errno| {
-                KitError::io(
+                Error::io(
                     format!("giving {} to user {}", path.display(), user.name),
                     std::io::Error::from(errno),
                 )
@@ -166,7 +178,7 @@ impl PgBinaries {
     }
 }
 
-fn find_bindir() -> Result<PathBuf, KitError> {
+fn find_bindir() -> Result<PathBuf, Error> {
     let mut searched = Vec::new();
     if let Some(dir) = std::env::var_os("PGSTACK_PG_BINDIR") {
         let dir = PathBuf::from(dir);
@@ -216,12 +228,12 @@ fn find_bindir() -> Result<PathBuf, KitError> {
         }
     }
     searched.push("/usr/lib/postgresql/*/bin".to_owned());
-    Err(KitError::NoBinaries {
+    Err(Error::NoBinaries {
         searched: searched.join(", "),
     })
 }
 
-fn server_user() -> Result<Option<ServerUser>, KitError> {
+fn server_user() -> Result<Option<ServerUser>, Error> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
@@ -232,22 +244,22 @@ fn server_user() -> Result<Option<ServerUser>, KitError> {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
         })),
-        _ => Err(KitError::NoServerUser { user: name }),
+        _ => Err(Error::NoServerUser { user: name }),
     }
 }
 
-/// Runs a command to completion; a non-zero exit becomes [`KitError::Command`]
+/// Runs a command to completion; a non-zero exit becomes [`Error::Command`]
 /// with the end of what it printed.
-pub(crate) fn run(command: &mut Command, what: &str) -> Result<Output, KitError> {
+pub(crate) fn run(command: &mut Command, what: &str) -> Result<Output, Error> {
     let output = command
         .output()
-        .map_err(|source| KitError::io(format!("running {what}"), source))?;
+        .map_err(|source| Error::io(format!("running {what}"), source))?;
     if output.status.success() {
         Ok(output)
     } else {
         let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stdout));
-        Err(KitError::Command {
+        Err(Error::Command {
             what: what.to_owned(),
             status: output.status.to_string(),
             output: tail(&text, 20),

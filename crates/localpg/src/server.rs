@@ -1,8 +1,8 @@
 //! The synchronous core: one PostgreSQL data directory and the server on it.
 //!
-//! Everything here blocks; the async API runs it on tokio's blocking pool, so
-//! it neither depends on a particular runtime nor on the (possibly paused)
-//! tokio clock.
+//! Everything here blocks; async callers (the test kit) run it on tokio's
+//! blocking pool, so it neither depends on a particular runtime nor on the
+//! (possibly paused) tokio clock.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::binaries::{PgBinaries, run, tail};
-use crate::error::KitError;
+use crate::error::Error;
 
 /// How long a start may take before the kit gives up.
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,21 +23,24 @@ const PORT_ATTEMPTS: usize = 8;
 const SETTINGS_FILE: &str = "pgstack.conf";
 
 /// Where a server keeps its files.
-#[derive(Debug, Clone)]
-pub(crate) struct Layout {
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Layout {
     /// The folder holding everything below.
-    pub(crate) root: PathBuf,
+    pub root: PathBuf,
     /// The data directory.
-    pub(crate) data: PathBuf,
+    pub data: PathBuf,
     /// The Unix socket directory (`None`: the path would be too long, Unix
     /// sockets are off).
-    pub(crate) sock: Option<PathBuf>,
+    pub sock: Option<PathBuf>,
     /// The server log.
-    pub(crate) log: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Layout {
-    pub(crate) fn in_root(root: &Path) -> Layout {
+    /// The layout in `root`: `data/`, `sock/` (when its path is short enough
+    /// for a socket) and `server.log`.
+    pub fn in_root(root: &Path) -> Layout {
         let sock = root.join("sock");
         // sun_path holds 108 bytes including "/.s.PGSQL.NNNNN" and the NUL.
         let sock = (sock.as_os_str().len() <= 88).then_some(sock);
@@ -111,47 +114,66 @@ fn group_alive(pgid: i32) -> bool {
 
 /// Picks a port nobody listens on right now (the server may still lose a race
 /// for it; starting retries on another port then).
-pub(crate) fn free_port() -> Result<u16, KitError> {
+///
+/// # Errors
+/// When no socket can be bound on 127.0.0.1.
+pub fn free_port() -> Result<u16, Error> {
     let listener = TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|source| KitError::io("finding a free port on 127.0.0.1", source))?;
+        .map_err(|source| Error::io("finding a free port on 127.0.0.1", source))?;
     let port = listener
         .local_addr()
-        .map_err(|source| KitError::io("finding a free port on 127.0.0.1", source))?
+        .map_err(|source| Error::io("finding a free port on 127.0.0.1", source))?
         .port();
     Ok(port)
 }
 
 /// One data directory, its settings and the server running on it.
+///
+/// Every method blocks. Settings are written by [`Server::start`] into
+/// `pgstack.conf` in the data directory (listening on 127.0.0.1 only, trust
+/// authentication from `initdb`, fsync off, `wal_level = replica`): a server
+/// for development and tests, never for data that matters.
 #[derive(Debug, Clone)]
-pub(crate) struct Server {
-    pub(crate) bins: PgBinaries,
-    pub(crate) layout: Layout,
+pub struct Server {
+    bins: PgBinaries,
+    layout: Layout,
 }
 
 /// Why a start failed.
 enum StartFailure {
-    PortInUse(KitError),
+    PortInUse(Error),
     /// Leftovers of a killed server still exist (its last processes are
     /// dying): worth another try on the same port.
-    Leftovers(KitError),
-    Other(KitError),
+    Leftovers(Error),
+    Other(Error),
 }
 
 impl Server {
-    pub(crate) fn new(bins: PgBinaries, layout: Layout) -> Server {
+    /// The server of `layout`, run with `bins` (nothing is touched yet).
+    pub fn new(bins: PgBinaries, layout: Layout) -> Server {
         Server { bins, layout }
+    }
+
+    /// The binaries it runs.
+    pub fn binaries(&self) -> &PgBinaries {
+        &self.bins
+    }
+
+    /// Where it keeps its files.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Creates `layout.root` (if needed) and the socket folder, owned by the
     /// server user.
-    pub(crate) fn prepare_root(&self) -> Result<(), KitError> {
+    pub fn prepare_root(&self) -> Result<(), Error> {
         let root = &self.layout.root;
         std::fs::create_dir_all(root)
-            .map_err(|source| KitError::io(format!("creating {}", root.display()), source))?;
+            .map_err(|source| Error::io(format!("creating {}", root.display()), source))?;
         self.bins.give(root)?;
         if let Some(sock) = &self.layout.sock {
             std::fs::create_dir_all(sock)
-                .map_err(|source| KitError::io(format!("creating {}", sock.display()), source))?;
+                .map_err(|source| Error::io(format!("creating {}", sock.display()), source))?;
             self.bins.give(sock)?;
         }
         Ok(())
@@ -159,7 +181,7 @@ impl Server {
 
     /// `initdb` into the data directory: trust authentication, user
     /// `postgres`, C locale, UTF-8.
-    pub(crate) fn initdb(&self) -> Result<(), KitError> {
+    pub fn initdb(&self) -> Result<(), Error> {
         run(
             self.bins
                 .command("initdb")
@@ -184,7 +206,7 @@ impl Server {
 
     /// A fresh data directory: a copy of the template (copies are ~6 times
     /// faster than `initdb`), or `initdb` when there is no template.
-    pub(crate) fn init_from_template(&self) -> Result<(), KitError> {
+    pub fn init_from_template(&self) -> Result<(), Error> {
         match template(&self.bins) {
             Ok(template) => {
                 let copied = run(
@@ -216,17 +238,17 @@ impl Server {
 
     /// Adds a hint to a "Permission denied" from a tool run as the server
     /// user: it must be able to reach the kit's folder.
-    fn access_hint(&self, error: KitError) -> KitError {
+    fn access_hint(&self, error: Error) -> Error {
         let Some(user) = self.bins.server_user() else {
             return error;
         };
         let denied = match &error {
-            KitError::Command { output, .. } => output.contains("Permission denied"),
-            KitError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            Error::Command { output, .. } => output.contains("Permission denied"),
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
             _ => false,
         };
         if denied {
-            KitError::Access {
+            Error::Access {
                 user: user.to_owned(),
                 path: self.layout.root.clone(),
                 detail: error.to_string(),
@@ -238,7 +260,7 @@ impl Server {
 
     /// Writes the kit's settings (port, socket folder, test tuning) into
     /// `pgstack.conf` and includes it from `postgresql.conf`.
-    pub(crate) fn write_settings(&self, port: u16) -> Result<(), KitError> {
+    pub fn write_settings(&self, port: u16) -> Result<(), Error> {
         let sock = match &self.layout.sock {
             Some(sock) => sock.display().to_string().replace('\'', "''"),
             None => String::new(),
@@ -269,29 +291,29 @@ impl Server {
         );
         let file = self.layout.data.join(SETTINGS_FILE);
         std::fs::write(&file, settings)
-            .map_err(|source| KitError::io(format!("writing {}", file.display()), source))?;
+            .map_err(|source| Error::io(format!("writing {}", file.display()), source))?;
         self.bins.give(&file)?;
         let main = self.layout.data.join("postgresql.conf");
         let text = std::fs::read_to_string(&main)
-            .map_err(|source| KitError::io(format!("reading {}", main.display()), source))?;
+            .map_err(|source| Error::io(format!("reading {}", main.display()), source))?;
         let include = format!("include_if_exists = '{SETTINGS_FILE}'");
         if !text.lines().any(|line| line.trim() == include) {
             let mut text = text;
             text.push_str(&format!("\n# The pgstack test kit's settings\n{include}\n"));
             std::fs::write(&main, text)
-                .map_err(|source| KitError::io(format!("writing {}", main.display()), source))?;
+                .map_err(|source| Error::io(format!("writing {}", main.display()), source))?;
         }
         Ok(())
     }
 
     /// The pid of a live postmaster on this data directory. A pid file left
     /// by a dead (or zombie) postmaster is removed.
-    pub(crate) fn running_pid(&self) -> Option<i32> {
+    pub fn running_pid(&self) -> Option<i32> {
         running_pid(&self.layout.data)
     }
 
     /// Whether a postmaster runs on this data directory.
-    pub(crate) fn is_running(&self) -> bool {
+    pub fn is_running(&self) -> bool {
         self.running_pid().is_some()
     }
 
@@ -314,17 +336,17 @@ impl Server {
     }
 
     /// The last `lines` lines of the server log.
-    pub(crate) fn log_tail(&self, lines: usize) -> String {
+    pub fn log_tail(&self, lines: usize) -> String {
         let len = self.log_len();
         tail(&self.log_since(len.saturating_sub(64 * 1024)), lines)
     }
 
-    fn start_error(&self, reason: String, log_from: u64) -> KitError {
+    fn start_error(&self, reason: String, log_from: u64) -> Error {
         let mut log_tail = tail(&self.log_since(log_from), 30);
         if log_tail.trim().is_empty() {
             log_tail = self.log_tail(30);
         }
-        KitError::Start {
+        Error::Start {
             data_dir: self.layout.data.clone(),
             log: self.layout.log.clone(),
             reason,
@@ -372,7 +394,7 @@ impl Server {
         let output = match result {
             Ok(output) => output,
             Err(source) => {
-                return Err(StartFailure::Other(KitError::io(
+                return Err(StartFailure::Other(Error::io(
                     "running pg_ctl start",
                     source,
                 )));
@@ -404,7 +426,7 @@ impl Server {
 
     /// Starts the server on `port`, or on other free ports when `port` is
     /// taken and `may_move` is true. Returns the port it listens on.
-    pub(crate) fn start(&self, port: u16, may_move: bool) -> Result<u16, KitError> {
+    pub fn start(&self, port: u16, may_move: bool) -> Result<u16, Error> {
         let mut port = port;
         let mut attempt = 0;
         loop {
@@ -438,7 +460,7 @@ impl Server {
     }
 
     /// `pg_ctl stop -m fast -w`; nothing to do when it is not running.
-    pub(crate) fn stop_fast(&self) -> Result<(), KitError> {
+    pub fn stop_fast(&self) -> Result<(), Error> {
         if !self.is_running() {
             return Ok(());
         }
@@ -484,7 +506,7 @@ impl Server {
     /// Immediate shutdown (SIGQUIT to the postmaster), then SIGKILL to its
     /// process group if it does not go within a few seconds. No signals, no
     /// child processes spawned: usable from `Drop`.
-    pub(crate) fn stop_immediate(&self) -> Result<(), KitError> {
+    pub fn stop_immediate(&self) -> Result<(), Error> {
         let Some(pid) = self.running_pid() else {
             return Ok(());
         };
@@ -499,7 +521,7 @@ impl Server {
     /// SIGKILL to the postmaster and every process of its group (pg_ctl
     /// makes the postmaster a process-group leader), then waits until it is
     /// dead.
-    pub(crate) fn kill9(&self) -> Result<(), KitError> {
+    pub fn kill9(&self) -> Result<(), Error> {
         let Some(pid) = self.running_pid() else {
             return Ok(());
         };
@@ -510,7 +532,7 @@ impl Server {
         if self.wait_gone(pid, Duration::from_secs(10)) {
             Ok(())
         } else {
-            Err(KitError::Stop {
+            Err(Error::Stop {
                 data_dir: self.layout.data.clone(),
                 log: self.layout.log.clone(),
                 seconds: 10,
@@ -519,7 +541,7 @@ impl Server {
     }
 
     /// `pg_ctl promote -w`: a standby becomes a primary.
-    pub(crate) fn promote(&self) -> Result<(), KitError> {
+    pub fn promote(&self) -> Result<(), Error> {
         run(
             self.bins
                 .command("pg_ctl")
@@ -536,7 +558,7 @@ impl Server {
 
     /// `pg_basebackup -R -X stream` from the server on `primary_port` into
     /// this server's (not yet existing) data directory.
-    pub(crate) fn base_backup_from(&self, primary_port: u16) -> Result<(), KitError> {
+    pub fn base_backup_from(&self, primary_port: u16) -> Result<(), Error> {
         run(
             self.bins
                 .command("pg_basebackup")
@@ -564,11 +586,11 @@ impl Server {
     }
 
     /// Removes the whole root folder.
-    pub(crate) fn remove_files(&self) -> Result<(), KitError> {
+    pub fn remove_files(&self) -> Result<(), Error> {
         match std::fs::remove_dir_all(&self.layout.root) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(KitError::io(
+            Err(source) => Err(Error::io(
                 format!("removing {}", self.layout.root.display()),
                 source,
             )),
@@ -613,12 +635,12 @@ fn usable_template(dir: &Path, uid: u32) -> bool {
         && dir.join("data/base/1/PG_VERSION").is_file()
 }
 
-fn shared_template(bins: &PgBinaries) -> Result<PathBuf, KitError> {
+fn shared_template(bins: &PgBinaries) -> Result<PathBuf, Error> {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let uid = bins.server_uid();
     let version = bins
         .version()
-        .map_err(|error| KitError::NotApplicable(error.to_string()))?;
+        .map_err(|error| Error::NotApplicable(error.to_string()))?;
     let mut hasher = DefaultHasher::new();
     bins.bindir().hash(&mut hasher);
     let dir = std::env::temp_dir().join(format!(
@@ -633,16 +655,16 @@ fn shared_template(bins: &PgBinaries) -> Result<PathBuf, KitError> {
     let staging = tempfile::Builder::new()
         .prefix(".pgstack-kit-template-staging-")
         .tempdir()
-        .map_err(|source| KitError::io("creating a temporary folder", source))?
+        .map_err(|source| Error::io("creating a temporary folder", source))?
         .keep();
     let server = Server::new(bins.clone(), Layout::in_root(&staging));
     let built = server
         .prepare_root()
-        .and_then(|()| crate::cluster::spawn_watchdog(&server.layout).map(drop))
+        .and_then(|()| crate::watchdog::spawn_watchdog(&server.layout, false).map(drop))
         .and_then(|()| server.initdb())
         .and_then(|()| {
             std::fs::write(staging.join("complete"), "")
-                .map_err(|source| KitError::io("marking the template complete", source))
+                .map_err(|source| Error::io("marking the template complete", source))
         });
     if let Err(error) = built {
         let _ = std::fs::remove_dir_all(&staging);
@@ -665,23 +687,23 @@ fn shared_template(bins: &PgBinaries) -> Result<PathBuf, KitError> {
     if usable_template(&dir, uid) {
         Ok(dir.join("data"))
     } else {
-        Err(KitError::NotApplicable(format!(
+        Err(Error::NotApplicable(format!(
             "{} is not a usable template (owner, permissions or contents)",
             dir.display()
         )))
     }
 }
 
-fn process_template(bins: &PgBinaries) -> Result<PathBuf, KitError> {
+fn process_template(bins: &PgBinaries) -> Result<PathBuf, Error> {
     let root = tempfile::Builder::new()
         .prefix("pgstack-kit-template-")
         .tempdir()
-        .map_err(|source| KitError::io("creating a temporary folder", source))?
+        .map_err(|source| Error::io("creating a temporary folder", source))?
         .keep();
     let server = Server::new(bins.clone(), Layout::in_root(&root));
     server.prepare_root()?;
     // Removed by a watchdog once this process is gone.
-    drop(crate::cluster::spawn_watchdog(&server.layout)?);
+    drop(crate::watchdog::spawn_watchdog(&server.layout, false)?);
     server.initdb()?;
     Ok(server.layout.data)
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask db-reset`, run as the real binary against real servers: it
+//! `pgstack db-reset`, run as the real binary against real servers: it
 //! resets and migrates, seeds in one transaction, and refuses — changing
 //! nothing — for production, non-local hosts and databases marked production.
 
@@ -45,7 +45,7 @@ async fn resets_migrates_and_records_the_environment() {
     let db = TestDb::new().await.unwrap();
     with_junk(&db).await;
 
-    let out = xtask(&["db-reset", "--database-url", db.url()])
+    let out = pgstack(&["db-reset", "--database-url", db.url()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", explain(&out));
@@ -83,7 +83,7 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     let db = TestDb::new().await.unwrap();
     with_junk(&db).await;
 
-    let out = xtask(&["db-reset", "--dry-run", "--database-url", db.url()])
+    let out = pgstack(&["db-reset", "--dry-run", "--database-url", db.url()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", explain(&out));
@@ -108,7 +108,7 @@ async fn production_environment_is_refused() {
     let db = TestDb::new().await.unwrap();
     with_junk(&db).await;
 
-    let out = xtask(&["db-reset", "--database-url", db.url()])
+    let out = pgstack(&["db-reset", "--database-url", db.url()])
         .env("APP_ENV", "production")
         .output()
         .unwrap();
@@ -140,7 +140,7 @@ async fn a_database_marked_production_is_refused_until_confirmed_by_name() {
         .await
         .unwrap();
 
-    let out = xtask(&["db-reset", "--database-url", db.url()])
+    let out = pgstack(&["db-reset", "--database-url", db.url()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
@@ -155,7 +155,7 @@ async fn a_database_marked_production_is_refused_until_confirmed_by_name() {
     );
 
     // A confirmation that names another database changes nothing either.
-    let out = xtask(&[
+    let out = pgstack(&[
         "db-reset",
         "--database-url",
         db.url(),
@@ -172,7 +172,7 @@ async fn a_database_marked_production_is_refused_until_confirmed_by_name() {
     );
     assert!(has_table(&db, "junk").await);
 
-    let out = xtask(&[
+    let out = pgstack(&[
         "db-reset",
         "--database-url",
         db.url(),
@@ -187,7 +187,7 @@ async fn a_database_marked_production_is_refused_until_confirmed_by_name() {
 
 #[test]
 fn a_remote_host_is_refused_before_any_connection_and_the_password_never_shows() {
-    let out = xtask(&[
+    let out = pgstack(&[
         "db-reset",
         "--database-url",
         "postgres://app:s3cret-pw@db.example.invalid:5432/app",
@@ -215,7 +215,7 @@ async fn the_seed_loads_in_one_transaction_or_not_at_all() {
          INSERT INTO users (email, display_name) VALUES ('grace@example.org', 'Grace');\n",
     )
     .unwrap();
-    let out = xtask(&[
+    let out = pgstack(&[
         "db-reset",
         "--database-url",
         db.url(),
@@ -243,7 +243,7 @@ async fn the_seed_loads_in_one_transaction_or_not_at_all() {
          INSERT INTO users (email, display_name) VALUES ('not-an-address', 'Nobody');\n",
     )
     .unwrap();
-    let out = xtask(&[
+    let out = pgstack(&[
         "db-reset",
         "--database-url",
         db.url(),
@@ -274,7 +274,7 @@ fn with_no_database_url_it_prepares_the_local_development_cluster() {
     let dev = DevDir::new("pgstack-db-reset-");
     let dir = dev.path();
 
-    let out = xtask(&["db-reset"])
+    let out = pgstack(&["db-reset"])
         .env("PGSTACK_DEV_DIR", dir)
         .output()
         .unwrap();
@@ -290,7 +290,7 @@ fn with_no_database_url_it_prepares_the_local_development_cluster() {
     );
 
     // Twice in a row is fine: the server is reused and the database recreated.
-    let out = xtask(&["db-reset"])
+    let out = pgstack(&["db-reset"])
         .env("PGSTACK_DEV_DIR", dir)
         .output()
         .unwrap();

@@ -1,4 +1,4 @@
-//! `cargo xtask db-reset`: drop and recreate the application database, apply
+//! `pgstack db-reset`: drop and recreate the application database, apply
 //! the migrations, record the environment, optionally load a seed file.
 //!
 //! Guarded as mature tools guard it: it refuses when the environment is
@@ -18,9 +18,9 @@ use pgstack_pool::Pool;
 use crate::context::{CommonArgs, Context, Target, resolve_dir};
 use crate::guard::{self, DB_RESET, Refusal, admin_pool, database_exists, quote_ident};
 
-/// Arguments of `cargo xtask db-reset`.
+/// Arguments of `pgstack db-reset`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DbResetArgs {
+pub struct DbResetArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// SQL file to load after migrating, in one transaction.

@@ -1,15 +1,14 @@
-//! The kit's error type.
+//! The crate's error type.
 
 use std::path::PathBuf;
 
-/// What went wrong while the kit set up or drove a PostgreSQL server.
+/// What went wrong while setting up or driving a local PostgreSQL server.
 ///
-/// The public functions of the kit return [`anyhow::Result`]; the errors they
-/// produce are (or wrap) a `KitError`, so a test can `downcast_ref::<KitError>()`
-/// when it cares about the kind.
+/// The test kit re-exports it as `pgstack_tests::KitError`; its own functions
+/// return [`anyhow::Result`] whose errors are (or wrap) this type.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum KitError {
+pub enum Error {
     /// No `initdb`/`pg_ctl`/`postgres` were found.
     #[error(
         "no PostgreSQL server binaries found (looked for initdb, pg_ctl and postgres in: {searched}); \
@@ -104,18 +103,51 @@ pub enum KitError {
     /// The operation does not apply to this server (e.g. pausing replay on a primary).
     #[error("{0}")]
     NotApplicable(String),
+    /// A data directory was made by another major version than the binaries found.
+    #[error(
+        "the data directory {data_dir} was made by PostgreSQL {data_major}, but the binaries in {bindir} are \
+         PostgreSQL {binaries_major}; point PGSTACK_PG_BINDIR at PostgreSQL {data_major}'s binaries, or \
+         start over by deleting the folder (`db-down --purge`)"
+    )]
+    VersionMismatch {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Its `PG_VERSION`.
+        data_major: String,
+        /// The folder of the binaries found.
+        bindir: PathBuf,
+        /// Their major version.
+        binaries_major: u32,
+    },
+    /// A folder that should hold a data directory holds something else.
+    #[error(
+        "{data_dir} exists but is not a PostgreSQL data directory (no PG_VERSION); remove it \
+         (`db-down --purge`) and start the server again"
+    )]
+    NotADataDirectory {
+        /// The folder.
+        data_dir: PathBuf,
+    },
+    /// The worker thread that ran the blocking work panicked.
+    #[error("the worker thread of {what} panicked")]
+    WorkerPanicked {
+        /// What it was doing.
+        what: String,
+    },
 }
 
-impl KitError {
-    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> KitError {
-        KitError::Io {
+impl Error {
+    /// An [`Error::Io`]: `what` failed with `source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
             what: what.into(),
             source,
         }
     }
 
-    pub(crate) fn pg(what: impl Into<String>, source: tokio_postgres::Error) -> KitError {
-        KitError::Postgres {
+    /// An [`Error::Postgres`]: the statement or connection `what` failed with `source`.
+    pub fn pg(what: impl Into<String>, source: tokio_postgres::Error) -> Error {
+        Error::Postgres {
             what: what.into(),
             source,
         }

@@ -1,4 +1,4 @@
-//! `cargo xtask config`: the effective configuration and where each value came from.
+//! `pgstack config`: the effective configuration and where each value came from.
 //!
 //! Loads the configuration exactly as a service would (defaults, the
 //! environment's profile, `pgstack.toml`, environment variables), then prints
@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pgstack_config::{ConfigError, ConfigLoader, Environment};
+use pgstack_config::{ConfigError, Environment};
 
-/// Arguments of `cargo xtask config`.
+/// Arguments of `pgstack config`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct ConfigArgs {
+pub struct ConfigArgs {
     /// The environment: development, test, staging or production
     /// (default: APP_ENV / PGSTACK_ENV, then the file's [default], then development).
     #[arg(long = "env", value_name = "ENV")]
@@ -21,17 +21,14 @@ pub(crate) struct ConfigArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Read this file instead of ./pgstack.toml (or the file named by PGSTACK_CONFIG).
+    /// Read this file instead of ./pgstack.toml (or the file named by PGSTACK_CONFIG, or the project's pgstack.toml).
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
 }
 
 #[allow(clippy::print_stderr)]
 pub(crate) fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
-    let mut loader = ConfigLoader::new();
-    if let Some(path) = args.file {
-        loader = loader.file(path);
-    }
+    let mut loader = crate::context::loader(args.file.as_deref());
     if let Some(name) = &args.env {
         match name.parse::<Environment>() {
             Ok(environment) => loader = loader.environment(environment),

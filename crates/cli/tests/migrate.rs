@@ -1,4 +1,4 @@
-//! `cargo xtask migrate …`, run as the real binary against real servers from
+//! `pgstack migrate …`, run as the real binary against real servers from
 //! the test kit: status, up, down, validate, dry-run, new, baseline and
 //! forget-failed, with human and JSON output; `down` refuses production and
 //! changes nothing; usage errors exit 2; passwords never show.
@@ -35,7 +35,7 @@ fn migrate(db_url: &str, args: &[&str]) -> Command {
     let mut all = vec!["migrate"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--database-url", db_url]);
-    xtask(&all)
+    pgstack(&all)
 }
 
 fn ints(value: &Value) -> Vec<i64> {
@@ -456,7 +456,7 @@ async fn new_writes_the_next_reversible_pair() {
     let next = latest() + 1;
 
     let created = json_of(
-        xtask(&["migrate", "new", "add bill status", "--json"])
+        pgstack(&["migrate", "new", "add bill status", "--json"])
             .env("PGSTACK_MIGRATIONS__DIR", dir.path()),
     );
     assert_eq!(created["version"], next);
@@ -474,7 +474,7 @@ async fn new_writes_the_next_reversible_pair() {
     assert_eq!(up.parent().unwrap(), dir.path());
 
     // --dir names the folder; human output names the files.
-    let out = ok(&mut xtask(&[
+    let out = ok(&mut pgstack(&[
         "migrate",
         "new",
         "add-bill-index",
@@ -507,7 +507,7 @@ async fn new_writes_the_next_reversible_pair() {
     );
 
     let out = fails(
-        xtask(&["migrate", "new", "bad/name"]).env("PGSTACK_MIGRATIONS__DIR", dir.path()),
+        pgstack(&["migrate", "new", "bad/name"]).env("PGSTACK_MIGRATIONS__DIR", dir.path()),
         1,
     );
     assert!(
@@ -621,18 +621,18 @@ fn usage_errors_exit_2() {
         vec!["migrate", "new"],
         vec!["migrate", "status", "--timeout", "soon"],
     ] {
-        let out = xtask(&args).output().unwrap();
+        let out = pgstack(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", explain(&out));
         // clap's message (or, for a missing subcommand, the help) on stderr only.
         assert!(out.stdout.is_empty(), "{args:?}: {}", explain(&out));
         let err = stderr(&out);
         assert!(
-            err.starts_with("error:") || err.contains("Usage: xtask migrate"),
+            err.starts_with("error:") || err.contains("Usage: pgstack migrate"),
             "{args:?}: {}",
             explain(&out)
         );
     }
-    let out = ok(&mut xtask(&["migrate", "--help"]));
+    let out = ok(&mut pgstack(&["migrate", "--help"]));
     let help = stdout(&out);
     for command in [
         "status",
@@ -727,7 +727,7 @@ fn with_no_database_url_it_works_on_the_development_cluster() {
     let dev = DevDir::new("pgstack-migrate-");
     let dir = dev.path();
 
-    let up = json_of(xtask(&["migrate", "up", "--json"]).env("PGSTACK_DEV_DIR", dir));
+    let up = json_of(pgstack(&["migrate", "up", "--json"]).env("PGSTACK_DEV_DIR", dir));
     assert_eq!(up["current_version"], latest());
     assert_eq!(up["database"], pgstack_tests::DevCluster::DATABASE);
     assert!(
@@ -737,13 +737,13 @@ fn with_no_database_url_it_works_on_the_development_cluster() {
             .starts_with("postgres://postgres@127.0.0.1:")
     );
 
-    let out = ok(xtask(&["migrate", "status"]).env("PGSTACK_DEV_DIR", dir));
+    let out = ok(pgstack(&["migrate", "status"]).env("PGSTACK_DEV_DIR", dir));
     assert!(
         stdout(&out).contains(&format!("Current: version {}; 0 pending.", latest())),
         "{}",
         explain(&out)
     );
-    let out = ok(xtask(&["migrate", "down", "--to", "0"]).env("PGSTACK_DEV_DIR", dir));
+    let out = ok(pgstack(&["migrate", "down", "--to", "0"]).env("PGSTACK_DEV_DIR", dir));
     assert!(
         stdout(&out).contains(&format!("Reverted {} migration(s)", versions().len())),
         "{}",
@@ -818,7 +818,7 @@ async fn a_second_migrator_waits_for_the_lock_then_gives_up_naming_the_holder() 
 fn lint_in(dir: &Path, dev: &Path, args: &[&str]) -> Command {
     let mut all = vec!["migrate", "lint"];
     all.extend_from_slice(args);
-    let mut cmd = xtask(&all);
+    let mut cmd = pgstack(&all);
     cmd.env("PGSTACK_MIGRATIONS__DIR", dir)
         .env("PGSTACK_DEV_DIR", dev);
     cmd

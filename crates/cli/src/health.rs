@@ -1,4 +1,4 @@
-//! `cargo xtask health`: one health report of the configured cluster (or the
+//! `pgstack health`: one health report of the configured cluster (or the
 //! local development cluster), human or JSON, with recommendations; `--watch`
 //! repeats it, `--bench N` measures N probe round trips per node.
 //!
@@ -14,9 +14,9 @@ use pgstack_health::{HealthMonitor, HealthReport, HealthStatus, NodeHealth};
 
 use crate::context::{CommonArgs, Context};
 
-/// Arguments of `cargo xtask health`.
+/// Arguments of `pgstack health`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct HealthArgs {
+pub struct HealthArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Show pool figures, latency percentiles, breaker states, recent history and active alerts.
@@ -107,8 +107,9 @@ fn unreachable(ctx: &Context, error: &str) -> anyhow::Result<ExitCode> {
         });
         crate::db::out(&serde_json::to_string_pretty(&json)?)?;
     } else {
+        let program = crate::project::program();
         crate::db::out(&format!(
-            "UNHEALTHY: cannot reach the primary {target}\n  {error}\n\nrecommendation: check that the server runs and accepts connections (cargo xtask db-status for the development cluster), and the host, port and credentials in the configuration (cargo xtask config)"
+            "UNHEALTHY: cannot reach the primary {target}\n  {error}\n\nrecommendation: check that the server runs and accepts connections ({program} db-status for the development cluster), and the host, port and credentials in the configuration ({program} config)"
         ))?;
     }
     Ok(ExitCode::from(2))

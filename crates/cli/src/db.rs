@@ -1,27 +1,27 @@
-//! `cargo xtask db-up`, `db-down`, `db-status`: the local development PostgreSQL.
+//! `pgstack db-up`, `db-down`, `db-status`: the local development PostgreSQL.
 //!
-//! The server lives under `target/pgstack-dev/` (or `--dir` / `PGSTACK_DEV_DIR`),
-//! persists across runs and is started from the machine's PostgreSQL binaries
-//! (as the `postgres` user when run as root). The heavy lifting is
-//! `pgstack_tests::DevCluster`.
+//! The server lives under the project's `target/pgstack-dev/` (or `--dir` /
+//! `PGSTACK_DEV_DIR`), persists across runs and is started from the machine's
+//! PostgreSQL binaries (as the `postgres` user when run as root). The heavy
+//! lifting is `pgstack_localpg::DevCluster`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pgstack_tests::DevCluster;
+use pgstack_localpg::DevCluster;
 
-/// Arguments of `cargo xtask db-up`.
+/// Arguments of `pgstack db-up`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DbUpArgs {
+pub struct DbUpArgs {
     /// The folder of the development server [default: target/pgstack-dev].
     #[arg(long, env = "PGSTACK_DEV_DIR", value_name = "DIR")]
     dir: Option<PathBuf>,
 }
 
-/// Arguments of `cargo xtask db-down`.
+/// Arguments of `pgstack db-down`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DbDownArgs {
+pub struct DbDownArgs {
     /// The folder of the development server [default: target/pgstack-dev].
     #[arg(long, env = "PGSTACK_DEV_DIR", value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -30,9 +30,9 @@ pub(crate) struct DbDownArgs {
     purge: bool,
 }
 
-/// Arguments of `cargo xtask db-status`.
+/// Arguments of `pgstack db-status`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DbStatusArgs {
+pub struct DbStatusArgs {
     /// The folder of the development server [default: target/pgstack-dev].
     #[arg(long, env = "PGSTACK_DEV_DIR", value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -41,16 +41,9 @@ pub(crate) struct DbStatusArgs {
     json: bool,
 }
 
-/// `target/pgstack-dev` of this workspace (honouring `CARGO_TARGET_DIR`).
+/// The project's `target/pgstack-dev`.
 pub(crate) fn default_dir() -> PathBuf {
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .map(|root| root.join("target"))
-            .unwrap_or_else(|| PathBuf::from("target")),
-    };
-    target.join("pgstack-dev")
+    crate::project::current().dev_dir()
 }
 
 fn cluster(dir: Option<PathBuf>) -> DevCluster {
@@ -128,12 +121,16 @@ pub(crate) fn status(args: DbStatusArgs) -> anyhow::Result<ExitCode> {
         out(&serde_json::to_string_pretty(&json)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let not_created = format!(
+        "not created yet (run `{} db-up`)",
+        crate::project::program()
+    );
     let state = if status.running {
         "running"
     } else if status.initialized {
         "stopped"
     } else {
-        "not created yet (run `cargo xtask db-up`)"
+        &not_created
     };
     let mut text = format!("The development PostgreSQL is {state}.\n");
     if let Some(url) = &status.url {

@@ -1,8 +1,8 @@
-//! `cargo xtask backup` and `cargo xtask restore`: pg_dump and pg_restore in
+//! `pgstack backup` and `pgstack restore`: pg_dump and pg_restore in
 //! the custom format (`-Fc`), with progress.
 //!
 //! The tools are found as the test kit finds PostgreSQL's binaries
-//! ([`pgstack_tests::PgBinaries`]). They get the connection through libpq's
+//! ([`pgstack_localpg::PgBinaries`]). They get the connection through libpq's
 //! environment variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`,
 //! `PGPASSWORD`, `PGSSLMODE`, ...) of the child process only, so the
 //! password is never on a command line or in the output.
@@ -22,16 +22,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use indicatif::ProgressBar;
 use pgstack_config::{DatabaseConfig, Environment, NodeSettings, TlsMode};
-use pgstack_tests::PgBinaries;
+use pgstack_localpg::PgBinaries;
 use serde_json::json;
 
 use crate::context::{CommonArgs, Context};
 use crate::db::out;
 use crate::guard::{self, Action};
 
-/// Arguments of `cargo xtask backup`.
+/// Arguments of `pgstack backup`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct BackupArgs {
+pub struct BackupArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Write the dump here [default: target/backups/<database>-<UTC time>.dump]; never overwritten.
@@ -39,10 +39,10 @@ pub(crate) struct BackupArgs {
     output: Option<PathBuf>,
 }
 
-/// Arguments of `cargo xtask restore`.
+/// Arguments of `pgstack restore`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct RestoreArgs {
-    /// The dump to restore: pg_dump's custom format, as `cargo xtask backup` writes it.
+pub struct RestoreArgs {
+    /// The dump to restore: pg_dump's custom format, as `pgstack backup` writes it.
     file: PathBuf,
     /// Restore into this database on the same server [default: the configured database].
     #[arg(long, value_name = "DATABASE")]
@@ -153,11 +153,12 @@ pub(crate) fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
         out(&serde_json::to_string_pretty(&json)?)?;
     } else {
         out(&format!(
-            "Backed up `{}` to {} ({}) in {:.1?}.\nRestore it with: cargo xtask restore {} --into <database> --create",
+            "Backed up `{}` to {} ({}) in {:.1?}.\nRestore it with: {} restore {} --into <database> --create",
             node.database,
             output.display(),
             indicatif::HumanBytes(bytes),
             elapsed,
+            crate::project::program(),
             output.display()
         ))?;
     }
@@ -168,8 +169,9 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let mut ctx = Context::resolve(&args.common)?;
     if !args.file.is_file() {
         anyhow::bail!(
-            "{} does not exist or is not a file; give the path of a dump written by `cargo xtask backup` (pg_dump --format=custom)",
-            args.file.display()
+            "{} does not exist or is not a file; give the path of a dump written by `{} backup` (pg_dump --format=custom)",
+            args.file.display(),
+            crate::project::program()
         );
     }
     let pg_restore = Tool::find("pg_restore")?;
@@ -360,7 +362,8 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         {
             text.push_str(&format!(
                 "\nNote: the restored data records environment `{env}` in pgstack_metadata; \
-                 `cargo xtask migrate up` records `{}` instead.",
+                 `{} migrate up` records `{}` instead.",
+                crate::project::program(),
                 ctx.config.environment
             ));
         }
@@ -588,10 +591,11 @@ impl Archive {
             .with_context(|| format!("running {} --list", pg_restore.path.display()))?;
         if !output.status.success() {
             anyhow::bail!(
-                "{} is not a dump pg_restore {} can read ({}); give a file written by `cargo xtask backup` (pg_dump --format=custom); nothing was changed",
+                "{} is not a dump pg_restore {} can read ({}); give a file written by `{} backup` (pg_dump --format=custom); nothing was changed",
                 file.display(),
                 pg_restore.version,
-                String::from_utf8_lossy(&output.stderr).trim()
+                String::from_utf8_lossy(&output.stderr).trim(),
+                crate::project::program()
             );
         }
         let text = String::from_utf8_lossy(&output.stdout);

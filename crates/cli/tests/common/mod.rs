@@ -1,4 +1,4 @@
-//! What the xtask test files share: the binary with a clean environment, and
+//! What the test files of the `pgstack` binary share: the binary with a clean environment, and
 //! readable assertions on its output.
 
 #![allow(dead_code, missing_docs)]
@@ -8,18 +8,19 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// The workspace root.
+/// The workspace root (its `migrations/` is the reference schema these tests use).
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+        .ancestors()
+        .nth(2)
         .unwrap()
         .to_path_buf()
 }
 
 /// The binary, run from the workspace root with a clean environment: no database,
 /// environment, pgstack or libpq variables of the caller.
-pub(crate) fn xtask(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+pub(crate) fn pgstack(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgstack"));
     cmd.args(args).current_dir(root());
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
@@ -112,7 +113,7 @@ impl DevDir {
 
 impl Drop for DevDir {
     fn drop(&mut self) {
-        let _ = xtask(&["db-down", "--purge"])
+        let _ = pgstack(&["db-down", "--purge"])
             .env("PGSTACK_DEV_DIR", &self.dir)
             .output();
     }

@@ -1,4 +1,4 @@
-//! `cargo xtask health`, run as the real binary against real servers: the
+//! `pgstack health`, run as the real binary against real servers: the
 //! exit code tells healthy (0), degraded (1) and unhealthy (2).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +14,7 @@ use pgstack_tests::{TestCluster, TestDb};
 #[tokio::test]
 async fn a_healthy_server_exits_0_with_a_json_report_and_probe_figures() {
     let db = TestDb::new().await.unwrap();
-    let out = xtask(&[
+    let out = pgstack(&[
         "health",
         "--json",
         "--bench",
@@ -33,7 +33,7 @@ async fn a_healthy_server_exits_0_with_a_json_report_and_probe_figures() {
     assert_eq!(report["bench"][0]["errors"], 0);
     assert!(report["bench"][0]["p99_us"].as_u64().unwrap() > 0);
 
-    let out = xtask(&["health", "--detailed", "--database-url", db.url()])
+    let out = pgstack(&["health", "--detailed", "--database-url", db.url()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -49,7 +49,7 @@ async fn a_stopped_replica_makes_the_cluster_degraded_with_exit_1() {
     let replica = primary.replica().await.unwrap();
     replica.stop().await.unwrap();
 
-    let out = xtask(&["health", "--json", "--timeout", "30s"])
+    let out = pgstack(&["health", "--json", "--timeout", "30s"])
         .env("DATABASE_URL", primary.url("postgres"))
         .env("DATABASE_REPLICA_URLS", replica.url("postgres"))
         .output()
@@ -69,7 +69,7 @@ async fn a_stopped_replica_makes_the_cluster_degraded_with_exit_1() {
 #[test]
 fn an_unreachable_primary_exits_2_without_showing_the_password() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
-    let out = xtask(&[
+    let out = pgstack(&[
         "health",
         "--timeout",
         "10s",
@@ -83,7 +83,7 @@ fn an_unreachable_primary_exits_2_without_showing_the_password() {
     assert!(all.contains("UNHEALTHY: cannot reach the primary"), "{all}");
     assert!(!all.contains("pw-not-shown"), "the password leaked: {all}");
 
-    let out = xtask(&[
+    let out = pgstack(&[
         "health",
         "--json",
         "--timeout",
@@ -101,7 +101,7 @@ fn an_unreachable_primary_exits_2_without_showing_the_password() {
 #[tokio::test]
 async fn watch_prints_a_report_per_interval() {
     let db = TestDb::new().await.unwrap();
-    let mut child = xtask(&[
+    let mut child = pgstack(&[
         "health",
         "--json",
         "--watch",

@@ -1,11 +1,14 @@
-//! [`DevCluster`]: the persistent development server behind `cargo xtask db-up`.
+//! [`DevCluster`]: the persistent development server behind `pgstack db-up`
+//! (and `cargo xtask db-up`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_postgres::Client;
 
 use crate::binaries::PgBinaries;
-use crate::cluster::connect;
-use crate::error::KitError;
+use crate::error::Error;
 use crate::server::{Layout, Server, free_port, running_pid};
 
 /// A PostgreSQL server whose files persist in one folder (by default
@@ -18,8 +21,8 @@ use crate::server::{Layout, Server, free_port, running_pid};
 /// Its methods block (they may be called inside or outside a tokio runtime).
 ///
 /// ```no_run
-/// # fn demo() -> anyhow::Result<()> {
-/// use pgstack_tests::DevCluster;
+/// # fn demo() -> Result<(), pgstack_localpg::Error> {
+/// use pgstack_localpg::DevCluster;
 ///
 /// let dev = DevCluster::open("target/pgstack-dev");
 /// let up = dev.up()?; // idempotent
@@ -69,12 +72,12 @@ pub struct DevStatus {
     pub server_version: Option<String>,
 }
 
-/// Runs async kit work on its own thread and runtime, so the blocking API
-/// works whether or not the caller is inside a runtime.
-fn on_own_runtime<T, F, Fut>(work: F) -> anyhow::Result<T>
+/// Runs async work on its own thread and runtime, so the blocking API works
+/// whether or not the caller is inside a runtime.
+fn on_own_runtime<T, F, Fut>(work: F) -> Result<T, Error>
 where
     F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = anyhow::Result<T>>,
+    Fut: Future<Output = Result<T, Error>>,
     T: Send + 'static,
 {
     std::thread::Builder::new()
@@ -83,12 +86,36 @@ where
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|source| KitError::io("building a tokio runtime", source))?;
+                .map_err(|source| Error::io("building a tokio runtime", source))?;
             runtime.block_on(work())
         })
-        .map_err(|source| KitError::io("starting a thread", source))?
+        .map_err(|source| Error::io("starting a thread", source))?
         .join()
-        .map_err(|_| anyhow::anyhow!("the kit's worker thread panicked"))?
+        .map_err(|_| Error::WorkerPanicked {
+            what: "the development server".to_owned(),
+        })?
+}
+
+/// Connects with tokio-postgres (no TLS) and spawns the connection task on the
+/// current runtime.
+async fn connect(url: &str, describe: &str) -> Result<Client, Error> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|source| {
+        Error::pg(
+            format!("parsing the connection string for {describe}"),
+            source,
+        )
+    })?;
+    config.connect_timeout(Duration::from_secs(10));
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|source| Error::pg(format!("connecting to {describe}"), source))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "development server connection ended");
+        }
+    });
+    Ok(client)
 }
 
 impl DevCluster {
@@ -146,15 +173,15 @@ impl DevCluster {
         (port, bindir)
     }
 
-    fn write_state(&self, port: u16, bins: &PgBinaries) -> Result<(), KitError> {
+    fn write_state(&self, port: u16, bins: &PgBinaries) -> Result<(), Error> {
         let text = format!("port={port}\nbindir={}\n", bins.bindir().display());
         std::fs::write(&self.state, text)
-            .map_err(|source| KitError::io(format!("writing {}", self.state.display()), source))
+            .map_err(|source| Error::io(format!("writing {}", self.state.display()), source))
     }
 
     /// The binaries: those recorded in the state file when still there,
     /// else [`PgBinaries::find`].
-    fn binaries(&self) -> anyhow::Result<PgBinaries> {
+    fn binaries(&self) -> Result<PgBinaries, Error> {
         if let (_, Some(bindir)) = self.read_state()
             && let Ok(bins) = PgBinaries::in_dir(&bindir)
         {
@@ -183,7 +210,11 @@ impl DevCluster {
     /// Starts the server (running `initdb` first when the folder is new) and
     /// creates the `pgstack_dev` database if missing. Idempotent: when the
     /// server already runs it only checks the database.
-    pub fn up(&self) -> anyhow::Result<DevUp> {
+    ///
+    /// # Errors
+    /// When no binaries are found, the data directory belongs to another
+    /// major version or is not one, or the server does not start or answer.
+    pub fn up(&self) -> Result<DevUp, Error> {
         let bins = self.binaries()?;
         let server = Server::new(bins.clone(), self.layout.clone());
         let mut already_running = false;
@@ -195,22 +226,19 @@ impl DevCluster {
             _ => {
                 server.prepare_root()?;
                 if let Some(major) = self.data_major() {
-                    let have = bins.major_version()?.to_string();
-                    if major != have {
-                        anyhow::bail!(
-                            "the data directory {} was made by PostgreSQL {major}, but the binaries in {} are \
-                             PostgreSQL {have}; point PGSTACK_PG_BINDIR at PostgreSQL {major}'s binaries, or \
-                             start over with `cargo xtask db-down --purge`",
-                            self.layout.data.display(),
-                            bins.bindir().display()
-                        );
+                    let have = bins.major_version()?;
+                    if major != have.to_string() {
+                        return Err(Error::VersionMismatch {
+                            data_dir: self.layout.data.clone(),
+                            data_major: major,
+                            bindir: bins.bindir().to_path_buf(),
+                            binaries_major: have,
+                        });
                     }
                 } else if self.layout.data.exists() {
-                    anyhow::bail!(
-                        "{} exists but is not a PostgreSQL data directory (no PG_VERSION); remove it \
-                         (`cargo xtask db-down --purge`) and run db-up again",
-                        self.layout.data.display()
-                    );
+                    return Err(Error::NotADataDirectory {
+                        data_dir: self.layout.data.clone(),
+                    });
                 } else {
                     server.initdb()?;
                 }
@@ -231,18 +259,18 @@ impl DevCluster {
                     &[&DevCluster::DATABASE],
                 )
                 .await
-                .map_err(|source| KitError::pg("looking for the development database", source))?
+                .map_err(|source| Error::pg("looking for the development database", source))?
                 .is_some();
             if !exists {
                 client
                     .batch_execute(&format!("CREATE DATABASE {}", DevCluster::DATABASE))
                     .await
-                    .map_err(|source| KitError::pg("creating the development database", source))?;
+                    .map_err(|source| Error::pg("creating the development database", source))?;
             }
             let version: String = client
                 .query_one("SHOW server_version", &[])
                 .await
-                .map_err(|source| KitError::pg("SHOW server_version", source))?
+                .map_err(|source| Error::pg("SHOW server_version", source))?
                 .get(0);
             Ok(version)
         })?;
@@ -255,7 +283,10 @@ impl DevCluster {
     }
 
     /// Fast shutdown. Returns whether it was running.
-    pub fn down(&self) -> anyhow::Result<bool> {
+    ///
+    /// # Errors
+    /// When `pg_ctl stop` fails.
+    pub fn down(&self) -> Result<bool, Error> {
         if running_pid(&self.layout.data).is_none() {
             return Ok(false);
         }
@@ -265,19 +296,27 @@ impl DevCluster {
     }
 
     /// Stops the server if it runs and deletes the whole folder.
-    pub fn purge(&self) -> anyhow::Result<()> {
+    ///
+    /// # Errors
+    /// When the server does not stop or the folder cannot be removed.
+    pub fn purge(&self) -> Result<(), Error> {
         self.down()?;
         match std::fs::remove_dir_all(&self.layout.root) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => {
-                Err(KitError::io(format!("removing {}", self.layout.root.display()), source).into())
-            }
+            Err(source) => Err(Error::io(
+                format!("removing {}", self.layout.root.display()),
+                source,
+            )),
         }
     }
 
     /// Whether it runs, where, and which version.
-    pub fn status(&self) -> anyhow::Result<DevStatus> {
+    ///
+    /// # Errors
+    /// None today (an unanswered version query leaves the version out); the
+    /// `Result` leaves room for checks that can fail.
+    pub fn status(&self) -> Result<DevStatus, Error> {
         let running = running_pid(&self.layout.data).is_some();
         let initialized = self.layout.data.join("PG_VERSION").is_file();
         let port = self.known_port();
@@ -289,7 +328,7 @@ impl DevCluster {
                 let version: String = client
                     .query_one("SHOW server_version", &[])
                     .await
-                    .map_err(|source| KitError::pg("SHOW server_version", source))?
+                    .map_err(|source| Error::pg("SHOW server_version", source))?
                     .get(0);
                 Ok(version)
             });

@@ -1,4 +1,4 @@
-//! `cargo xtask db-up`, `db-status`, `db-down`, run as the real binary against a
+//! `pgstack db-up`, `db-status`, `db-down`, run as the real binary against a
 //! development server in a folder of its own (`PGSTACK_DEV_DIR`), so a
 //! developer's `target/pgstack-dev` is never touched.
 
@@ -17,7 +17,7 @@ struct DevDir {
 impl DevDir {
     fn new() -> DevDir {
         let parent = tempfile::Builder::new()
-            .prefix("pgstack-xtask-db-")
+            .prefix("pgstack-cli-db-")
             .tempdir()
             .unwrap();
         // As root the server runs as `postgres`, which must be able to enter it.
@@ -29,8 +29,8 @@ impl DevDir {
         }
     }
 
-    fn xtask(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
+    fn pgstack(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_pgstack"))
             .args(args)
             .env("PGSTACK_DEV_DIR", &self.dir)
             .env_remove("DATABASE_URL")
@@ -41,7 +41,7 @@ impl DevDir {
 
 impl Drop for DevDir {
     fn drop(&mut self) {
-        let _ = self.xtask(&["db-down", "--purge"]);
+        let _ = self.pgstack(&["db-down", "--purge"]);
     }
 }
 
@@ -93,14 +93,14 @@ fn db_up_status_down_round_trip() {
     let dev = DevDir::new();
 
     // Before anything exists.
-    let status = dev.xtask(&["db-status", "--json"]);
+    let status = dev.pgstack(&["db-status", "--json"]);
     assert!(status.status.success(), "{}", explain(&status));
     let json: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
     assert_eq!(json["running"], false);
     assert_eq!(json["initialized"], false);
 
     // Up: creates, starts, prints the URL of pgstack_dev.
-    let up = dev.xtask(&["db-up"]);
+    let up = dev.pgstack(&["db-up"]);
     assert!(up.status.success(), "{}", explain(&up));
     let text = stdout(&up);
     assert!(text.contains("Started"), "{text}");
@@ -120,7 +120,7 @@ fn db_up_status_down_round_trip() {
     let pid = postmaster_pid(&dev.dir.join("data")).expect("running");
 
     // Up again: idempotent, same URL, same server.
-    let again = dev.xtask(&["db-up"]);
+    let again = dev.pgstack(&["db-up"]);
     assert!(again.status.success(), "{}", explain(&again));
     assert!(
         stdout(&again).contains("already running"),
@@ -134,7 +134,7 @@ fn db_up_status_down_round_trip() {
     );
 
     // Status: human and JSON.
-    let human = dev.xtask(&["db-status"]);
+    let human = dev.pgstack(&["db-status"]);
     assert!(human.status.success(), "{}", explain(&human));
     let text = stdout(&human);
     assert!(text.contains("is running"), "{text}");
@@ -143,7 +143,7 @@ fn db_up_status_down_round_trip() {
         text.contains(&dev.dir.join("data").display().to_string()),
         "{text}"
     );
-    let json = dev.xtask(&["db-status", "--json"]);
+    let json = dev.pgstack(&["db-status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
     assert_eq!(json["running"], true);
     assert_eq!(json["url"], url.as_str());
@@ -157,27 +157,27 @@ fn db_up_status_down_round_trip() {
     );
 
     // Down, and down again.
-    let down = dev.xtask(&["db-down"]);
+    let down = dev.pgstack(&["db-down"]);
     assert!(down.status.success(), "{}", explain(&down));
     assert!(stdout(&down).contains("Stopped"), "{}", stdout(&down));
     assert!(postmaster_pid(&dev.dir.join("data")).is_none());
-    let down = dev.xtask(&["db-down"]);
+    let down = dev.pgstack(&["db-down"]);
     assert!(down.status.success(), "{}", explain(&down));
     assert!(stdout(&down).contains("not running"), "{}", stdout(&down));
-    let json = dev.xtask(&["db-status", "--json"]);
+    let json = dev.pgstack(&["db-status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
     assert_eq!(json["running"], false);
     assert_eq!(json["initialized"], true);
 
     // Up after down: the data persisted, the port is reused.
-    let up = dev.xtask(&["db-up"]);
+    let up = dev.pgstack(&["db-up"]);
     assert!(up.status.success(), "{}", explain(&up));
     assert!(stdout(&up).contains("Started"), "{}", stdout(&up));
     assert_eq!(exported_url(&stdout(&up)), url);
     assert_eq!(query_database(&url), "pgstack_dev");
 
     // Purge: stops it and deletes the folder.
-    let purge = dev.xtask(&["db-down", "--purge"]);
+    let purge = dev.pgstack(&["db-down", "--purge"]);
     assert!(purge.status.success(), "{}", explain(&purge));
     assert!(!dev.dir.exists());
 }

@@ -30,7 +30,7 @@ pub(crate) struct Action {
     pub(crate) done: &'static str,
 }
 
-/// `cargo xtask db-reset`.
+/// `pgstack db-reset`.
 pub(crate) const DB_RESET: Action = Action {
     command: "db-reset",
     verb: "reset",
@@ -41,7 +41,7 @@ pub(crate) const DB_RESET: Action = Action {
 pub(crate) fn database_name(ctx: &Context) -> &str {
     match ctx.target {
         Target::Configured => ctx.config.primary.database.as_str(),
-        Target::Dev { .. } => pgstack_tests::DevCluster::DATABASE,
+        Target::Dev { .. } => pgstack_localpg::DevCluster::DATABASE,
     }
 }
 

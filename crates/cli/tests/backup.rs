@@ -1,4 +1,4 @@
-//! `cargo xtask backup` and `cargo xtask restore`, run as the real binary
+//! `pgstack backup` and `pgstack restore`, run as the real binary
 //! against real servers from the test kit: a backup restored into another
 //! database reproduces the data; restoring over a production database
 //! refuses and changes nothing; a failed restore leaves nothing behind; the
@@ -23,7 +23,7 @@ fn url_of(url: &str, database: &str) -> String {
 /// A database with the reference schema and a few rows in every table.
 async fn source() -> TestDb {
     let db = TestDb::new().await.unwrap();
-    ok(&mut xtask(&["migrate", "up", "--database-url", db.url()]));
+    ok(&mut pgstack(&["migrate", "up", "--database-url", db.url()]));
     db.client()
         .await
         .unwrap()
@@ -133,7 +133,7 @@ async fn a_backup_restored_into_a_new_database_reproduces_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("nested").join("bills.dump");
 
-    let report = json_of(&mut xtask(&[
+    let report = json_of(&mut pgstack(&[
         "backup",
         "--database-url",
         src.url(),
@@ -155,7 +155,7 @@ async fn a_backup_restored_into_a_new_database_reproduces_the_data() {
 
     // Into a new database, created by restore.
     let copy = format!("{}_copy", src.name());
-    let restored = json_of(&mut xtask(&[
+    let restored = json_of(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--into",
@@ -187,7 +187,7 @@ async fn a_backup_restored_into_a_new_database_reproduces_the_data() {
 
     // --create refuses a database that exists.
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--into",
@@ -203,7 +203,7 @@ async fn a_backup_restored_into_a_new_database_reproduces_the_data() {
 
     // Over an existing (empty) database, with human output.
     let other = TestDb::new().await.unwrap();
-    let out = ok(&mut xtask(&[
+    let out = ok(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--database-url",
@@ -217,7 +217,7 @@ async fn a_backup_restored_into_a_new_database_reproduces_the_data() {
     assert_eq!(contents(other.url()).await, expected);
 
     // Again over the same database: the dump's objects are replaced, not doubled.
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--database-url",
@@ -231,7 +231,7 @@ async fn restore_over_a_database_recorded_as_production_refuses_and_changes_noth
     let src = source().await;
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("src.dump");
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "backup",
         "--database-url",
         src.url(),
@@ -241,7 +241,7 @@ async fn restore_over_a_database_recorded_as_production_refuses_and_changes_noth
     let prod = target(true).await;
 
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -270,7 +270,7 @@ async fn restore_over_a_database_recorded_as_production_refuses_and_changes_noth
 
     // A confirmation naming another database changes nothing either.
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -288,7 +288,7 @@ async fn restore_over_a_database_recorded_as_production_refuses_and_changes_noth
     assert!(!has_table(prod.url(), "users").await);
 
     // The dry run shows the plan and what the real run needs.
-    let plan = json_of(&mut xtask(&[
+    let plan = json_of(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--database-url",
@@ -307,7 +307,7 @@ async fn restore_over_a_database_recorded_as_production_refuses_and_changes_noth
     assert!(!has_table(prod.url(), "users").await, "a dry run restored");
 
     // Confirmed by name: restored; the objects that are not in the dump stay.
-    let out = ok(&mut xtask(&[
+    let out = ok(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--database-url",
@@ -325,7 +325,7 @@ async fn restore_under_production_or_to_a_remote_host_refuses_before_connecting(
     let src = source().await;
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("src.dump");
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "backup",
         "--database-url",
         src.url(),
@@ -339,7 +339,7 @@ async fn restore_under_production_or_to_a_remote_host_refuses_before_connecting(
         vec![("PGSTACK_ENV", "production")],
     ] {
         let out = fails(
-            xtask(&[
+            pgstack(&[
                 "restore",
                 dump.to_str().unwrap(),
                 "--database-url",
@@ -356,7 +356,7 @@ async fn restore_under_production_or_to_a_remote_host_refuses_before_connecting(
         assert!(err.contains("the environment is production"), "{err}");
     }
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -371,7 +371,7 @@ async fn restore_under_production_or_to_a_remote_host_refuses_before_connecting(
     assert_eq!(keepsake(&plain).await, vec![42]);
 
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -403,7 +403,7 @@ async fn a_failed_restore_leaves_nothing_behind() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("src.dump");
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "backup",
         "--database-url",
         src.url(),
@@ -420,7 +420,7 @@ async fn a_failed_restore_leaves_nothing_behind() {
     // Into a new database: the database is dropped again.
     let copy = format!("{}_failed", src.name());
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--into",
@@ -444,7 +444,7 @@ async fn a_failed_restore_leaves_nothing_behind() {
     // Over an existing database: one transaction, so it is as it was.
     let plain = target(false).await;
     fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--keep-owners",
@@ -457,7 +457,7 @@ async fn a_failed_restore_leaves_nothing_behind() {
     assert_eq!(keepsake(&plain).await, vec![42]);
 
     // Without --keep-owners the same dump restores.
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "restore",
         dump.to_str().unwrap(),
         "--database-url",
@@ -474,7 +474,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     let not_a_dump = dir.path().join("notes.txt");
     std::fs::write(&not_a_dump, "hello").unwrap();
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             not_a_dump.to_str().unwrap(),
             "--database-url",
@@ -489,7 +489,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     );
     let missing = dir.path().join("missing.dump");
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             missing.to_str().unwrap(),
             "--database-url",
@@ -500,7 +500,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     assert!(stderr(&out).contains("does not exist"), "{}", explain(&out));
 
     let dump = dir.path().join("src.dump");
-    ok(&mut xtask(&[
+    ok(&mut pgstack(&[
         "backup",
         "--database-url",
         src.url(),
@@ -509,7 +509,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     ]));
     let before = std::fs::read(&dump).unwrap();
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "backup",
             "--database-url",
             src.url(),
@@ -522,7 +522,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     assert_eq!(std::fs::read(&dump).unwrap(), before);
 
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--into",
@@ -534,7 +534,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     );
     assert!(stderr(&out).contains("add --create"), "{}", explain(&out));
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--into",
@@ -553,7 +553,7 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
     // A backup of a database that is not there fails, and leaves no file.
     let gone = dir.path().join("gone.dump");
     let out = fails(
-        &mut xtask(&[
+        &mut pgstack(&[
             "backup",
             "--database-url",
             &url_of(src.url(), "no_such_database_here"),
@@ -572,13 +572,23 @@ async fn bad_files_and_targets_are_refused_with_what_to_do() {
 }
 
 #[tokio::test]
-async fn the_default_backup_goes_to_target_backups() {
+async fn the_default_backup_goes_to_the_projects_target_backups() {
     let src = source().await;
-    let target_dir = tempfile::tempdir().unwrap();
-    let out =
-        ok(xtask(&["backup", "--database-url", src.url()])
-            .env("CARGO_TARGET_DIR", target_dir.path()));
-    let files: Vec<PathBuf> = std::fs::read_dir(target_dir.path().join("backups"))
+    // A project folder of its own (its pgstack.toml marks it); CARGO_TARGET_DIR,
+    // which several projects may share, is not where backups go.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("pgstack.toml"), "[default]\n").unwrap();
+    std::fs::create_dir(project.path().join("src")).unwrap();
+    let shared_target = tempfile::tempdir().unwrap();
+    let out = ok(pgstack(&["backup", "--database-url", src.url()])
+        .current_dir(project.path().join("src"))
+        .env("CARGO_TARGET_DIR", shared_target.path()));
+    assert_eq!(
+        std::fs::read_dir(shared_target.path()).unwrap().count(),
+        0,
+        "wrote into CARGO_TARGET_DIR"
+    );
+    let files: Vec<PathBuf> = std::fs::read_dir(project.path().join("target/backups"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -605,7 +615,7 @@ async fn the_password_never_shows_in_any_output() {
     let dump = dir.path().join("src.dump");
     let copy = format!("{}_pw", src.name());
     let runs = [
-        xtask(&[
+        pgstack(&[
             "backup",
             "--database-url",
             &url,
@@ -615,7 +625,7 @@ async fn the_password_never_shows_in_any_output() {
         ])
         .output()
         .unwrap(),
-        xtask(&[
+        pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -628,7 +638,7 @@ async fn the_password_never_shows_in_any_output() {
         ])
         .output()
         .unwrap(),
-        xtask(&[
+        pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -639,7 +649,7 @@ async fn the_password_never_shows_in_any_output() {
         ])
         .output()
         .unwrap(),
-        xtask(&[
+        pgstack(&[
             "restore",
             dump.to_str().unwrap(),
             "--database-url",
@@ -649,7 +659,7 @@ async fn the_password_never_shows_in_any_output() {
         ])
         .output()
         .unwrap(),
-        xtask(&[
+        pgstack(&[
             "backup",
             "--database-url",
             &format!("postgres://postgres:{password}@127.0.0.1:1/nowhere"),
@@ -723,7 +733,7 @@ async fn pg_dump_gets_the_password_in_its_environment_only() {
     let record_base = record.path().join("call");
     let dump = record.path().join("out.dump");
 
-    ok(xtask(&[
+    ok(pgstack(&[
         "backup",
         "--database-url",
         &url,
@@ -767,7 +777,7 @@ async fn a_pg_dump_older_than_the_server_is_refused() {
     let record = tempfile::tempdir().unwrap();
     let dump = record.path().join("out.dump");
     let out = fails(
-        xtask(&[
+        pgstack(&[
             "backup",
             "--database-url",
             src.url(),
@@ -801,7 +811,7 @@ fn usage_errors_exit_2() {
         vec!["backup", "extra"],
         vec!["backup", "--timeout", "forever"],
     ] {
-        let out = xtask(&args).output().unwrap();
+        let out = pgstack(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", explain(&out));
         assert!(out.stdout.is_empty(), "{args:?}: {}", explain(&out));
         assert!(

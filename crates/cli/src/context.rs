@@ -2,9 +2,10 @@
 //! `--config`, `--json`, `--verbose`, `--timeout`, the loaded configuration, and
 //! which database the command works on.
 //!
-//! With neither `--database-url` nor `DATABASE_URL` (nor `DB_HOST`) set, the
-//! target is the local development cluster under `target/pgstack-dev/`,
-//! started when needed.
+//! With no primary configured (no `--database-url`, `DATABASE_URL`,
+//! `DB_HOST`/`DB_PORT`/`DB_NAME`, nor a primary in `pgstack.toml` for the
+//! environment), the target is the local development cluster under the
+//! project's `target/pgstack-dev/`, started when needed.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,21 +13,24 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use pgstack_config::{ConfigLoader, DatabaseConfig, Environment, NodeSettings};
-use pgstack_tests::DevCluster;
+use pgstack_config::{ConfigLoader, DatabaseConfig, Environment, NodeSettings, Source};
+use pgstack_localpg::DevCluster;
 
 /// Options shared by the commands that talk to a database.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct CommonArgs {
+pub struct CommonArgs {
     /// Environment: development, test, staging or production [default: APP_ENV / PGSTACK_ENV, else development].
     #[arg(long, value_name = "ENV")]
     pub(crate) env: Option<String>,
     /// The database to work on [default: DATABASE_URL, else the local development cluster].
     #[arg(long, value_name = "URL", hide_env_values = true)]
     pub(crate) database_url: Option<String>,
-    /// The configuration file [default: pgstack.toml, or PGSTACK_CONFIG].
+    /// The configuration file [default: PGSTACK_CONFIG, else pgstack.toml here, else the project's].
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// The migrations folder [default: migrations.dir of the configuration, `migrations`].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) migrations: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -36,7 +40,7 @@ pub(crate) struct CommonArgs {
     /// Give up after this long (e.g. 30s, 2m).
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
-    /// The folder of the development server [default: target/pgstack-dev].
+    /// The folder of the development server [default: the project's target/pgstack-dev].
     #[arg(long, env = "PGSTACK_DEV_DIR", value_name = "DIR")]
     pub(crate) dev_dir: Option<PathBuf>,
 }
@@ -66,23 +70,30 @@ impl Context {
     /// Loads the configuration and decides the target, without touching any
     /// server. `dev_url` is filled in later by [`Context::ensure_dev`].
     pub(crate) fn resolve(args: &CommonArgs) -> anyhow::Result<Context> {
-        let mut loader = ConfigLoader::new();
-        if let Some(file) = &args.config {
-            loader = loader.file(file);
-        }
+        let mut loader = loader(args.config.as_deref());
         if let Some(name) = &args.env {
             let environment = Environment::from_str(name)?;
             loader = loader.environment(environment);
         }
-        let configured = args.database_url.is_some()
-            || std::env::var_os("DATABASE_URL").is_some()
-            || std::env::var_os("DB_HOST").is_some();
         if let Some(url) = &args.database_url {
             // The error never repeats the URL: it may hold a password.
             let node = NodeSettings::from_url(url).context("--database-url is not a usable URL")?;
             loader = loader.with(move |config| config.primary = node);
         }
-        let config = loader.load()?;
+        if let Some(dir) = args.migrations.clone() {
+            loader = loader.with(move |config| config.migrations.dir = dir);
+        }
+        let explained = loader.load_explained()?;
+        // The primary is configured when its host, port or database came from
+        // somewhere a person put it: --database-url, DATABASE_URL, DB_HOST /
+        // DB_PORT / DB_NAME, pgstack.toml or a PGSTACK_PRIMARY__… variable.
+        let configured = explained.entries().iter().any(|entry| {
+            matches!(
+                entry.key(),
+                "primary.host" | "primary.port" | "primary.database"
+            ) && !matches!(entry.source(), Source::Default | Source::Profile(_))
+        });
+        let config = explained.into_config();
         let target = if configured {
             Target::Configured
         } else {
@@ -149,12 +160,25 @@ impl Context {
 }
 
 /// A relative folder (such as `migrations.dir`) is looked up in the current
-/// folder, then at the workspace root.
+/// folder, then in the project's root.
 pub(crate) fn resolve_dir(dir: &Path) -> PathBuf {
-    if dir.is_absolute() || dir.exists() {
-        return dir.to_path_buf();
+    crate::project::current().resolve(dir)
+}
+
+/// A configuration loader reading `file` when given; otherwise
+/// `PGSTACK_CONFIG`, else `./pgstack.toml`, else the project's `pgstack.toml`
+/// (when the command runs in a folder below the project's root).
+pub(crate) fn loader(file: Option<&Path>) -> ConfigLoader {
+    let loader = ConfigLoader::new();
+    if let Some(file) = file {
+        return loader.file(file);
     }
-    crate::verify::workspace_root()
-        .map(|root| root.join(dir))
-        .unwrap_or_else(|_| dir.to_path_buf())
+    let here = Path::new(pgstack_config::DEFAULT_FILE);
+    if std::env::var_os(pgstack_config::CONFIG_FILE_VAR).is_none()
+        && !here.is_file()
+        && let Some(file) = crate::project::current().config_file()
+    {
+        return loader.file(file);
+    }
+    loader
 }

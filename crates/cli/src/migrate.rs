@@ -1,9 +1,9 @@
-//! `cargo xtask migrate …`: status, up, down, validate, dry-run, lint, new,
+//! `pgstack migrate …`: status, up, down, validate, dry-run, lint, new,
 //! baseline and forget-failed, on `pgstack-migrations`.
 //!
-//! The folder is `migrations.dir` of the configuration (`migrations`, or
-//! `PGSTACK_MIGRATIONS__DIR`), looked up in the current folder and then at
-//! the workspace root. With no `--database-url` / `DATABASE_URL` the commands
+//! The folder is `--migrations`, else `migrations.dir` of the configuration
+//! (`migrations`, or `PGSTACK_MIGRATIONS__DIR`), looked up in the current
+//! folder and then in the project's root. With no `--database-url` / `DATABASE_URL` the commands
 //! work on the local development cluster. `down` destroys data, so it is
 //! guarded like `db-reset`: a production environment, a non-local host or a
 //! database recorded as production needs `--confirm-destroy DATABASE`.
@@ -24,9 +24,9 @@ use crate::context::{CommonArgs, Context, resolve_dir};
 use crate::db::out;
 use crate::guard::{self, Action};
 
-/// Arguments of `cargo xtask migrate`.
+/// Arguments of `pgstack migrate`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct MigrateArgs {
+pub struct MigrateArgs {
     #[command(subcommand)]
     command: MigrateCommand,
 }
@@ -130,7 +130,7 @@ struct NewArgs {
     /// What the migration does, e.g. add_bill_status (spaces and dashes become underscores).
     name: String,
     /// The migrations folder [default: migrations.dir of the configuration].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "migrations", value_name = "DIR")]
     dir: Option<PathBuf>,
     /// The configuration file [default: pgstack.toml, or PGSTACK_CONFIG].
     #[arg(long, value_name = "FILE")]
@@ -263,7 +263,8 @@ fn summary(status: &Status) -> String {
     let mut text = format!("Current: {current}; {pending} pending");
     if problems > 0 {
         text.push_str(&format!(
-            "; {problems} problem(s): run `cargo xtask migrate validate` for how to fix them"
+            "; {problems} problem(s): run `{} migrate validate` for how to fix them",
+            crate::project::program()
         ));
     }
     text.push('.');
@@ -280,7 +281,8 @@ fn invalid_lines(status: &Status) -> String {
                 .any(|e| e.version == *v)
         }) {
             Some(v) => format!(
-                "left by the failed migration {v}: `cargo xtask migrate forget-failed {v}` drops it"
+                "left by the failed migration {v}: `{} migrate forget-failed {v}` drops it",
+                crate::project::program()
             ),
             None => format!(
                 "unless it is being built right now, DROP INDEX CONCURRENTLY {}",
@@ -615,8 +617,9 @@ fn validate(common: &CommonArgs) -> anyhow::Result<ExitCode> {
     };
     if !findings.is_empty() {
         text.push_str(&format!(
-            "\nLint: {} finding(s) in the pending migrations (warnings here; `cargo xtask migrate lint --pending` explains them):",
-            findings.len()
+            "\nLint: {} finding(s) in the pending migrations (warnings here; `{} migrate lint --pending` explains them):",
+            findings.len(),
+            crate::project::program()
         ));
         for f in &findings {
             text.push_str(&format!(
@@ -701,6 +704,7 @@ fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
                 verbose: false,
                 timeout: Duration::from_secs(120),
                 dev_dir: None,
+                migrations: None,
             };
             let ctx = Context::resolve(&common)?;
             resolve_dir(&ctx.config.migrations.dir)
@@ -794,13 +798,15 @@ fn forget_failed(args: &ForgetArgs) -> anyhow::Result<ExitCode> {
             ));
         }
         text.push_str(&format!(
-            "Removed the failed mark of migration {version}; `cargo xtask migrate up` runs it again."
+            "Removed the failed mark of migration {version}; `{} migrate up` runs it again.",
+            crate::project::program()
         ));
         out(&text)?;
     } else {
         note(&format!(
-            "error: migration {version} has no failed mark in `{}`; nothing was changed (`cargo xtask migrate status` shows which one failed)",
-            ctx.config.primary.database
+            "error: migration {version} has no failed mark in `{}`; nothing was changed (`{} migrate status` shows which one failed)",
+            ctx.config.primary.database,
+            crate::project::program()
         ));
     }
     Ok(if removed {
