@@ -999,7 +999,7 @@ async fn forget_failed_drops_the_invalid_index_a_failed_concurrent_build_left() 
     assert!(
         stdout(&out).contains(&format!(
             "INVALID index public.dup_x_key on dup (built by migration {index}); left by the failed \
-             migration {index}: `cargo xtask migrate forget-failed {index}` drops it."
+             migration {index}: `pgstack migrate forget-failed {index}` drops it."
         )),
         "{}",
         explain(&out)
