@@ -858,7 +858,11 @@ async fn a_partition_after_the_first_statement_fails_the_transaction_in_time() {
     }))
     .await;
     let text = common::checked(&error);
-    assert!(matches!(error, Error::Timeout { .. }), "{text}");
+    assert!(
+        matches!(&error, Error::RolledBack { source, .. } if matches!(**source, Error::Timeout { .. })),
+        "{text}"
+    );
+    assert!(error.provably_not_sent(), "{text}");
     assert!(took < PARTITION_GOAL, "{took:?}: {text}");
     let (tdb, _server) = setup.healed().await;
     assert_eq!(count(&tdb, "orders").await, 0, "not committed");

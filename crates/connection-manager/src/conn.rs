@@ -10,7 +10,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgstack_pool::{PooledConnection, StatementClass, classify};
+use pgstack_pool::{PooledConnection, StatementClass, XACT_PROBE_SQL, XactProbe, classify};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, SimpleQueryMessage};
 
@@ -35,9 +35,12 @@ pub(crate) enum Got {
 /// Runs one statement on anything with the pool's query methods (a
 /// connection or a transaction): a cached named statement when prepared
 /// statements are on, the unnamed statement with types taken from the
-/// values when they are off.
+/// values when they are off. `$probe` (an `Option` of a future) is sent
+/// right behind the statement, in the same round trip, once the statement's
+/// request is on its way: a transaction's first write learns its id that
+/// way.
 macro_rules! run_statement {
-    ($conn:expr, $prepared:expr, $sql:expr, $params:expr, $want:expr, $node:expr, $op:expr) => {
+    ($conn:expr, $prepared:expr, $sql:expr, $params:expr, $want:expr, $node:expr, $op:expr, $probe:expr) => {
         async {
             let conn = $conn;
             let node: &std::sync::Arc<str> = $node;
@@ -48,9 +51,17 @@ macro_rules! run_statement {
                     .prepare_cached($sql)
                     .await
                     .map_err(|e| $crate::error::Error::from_postgres(e, node, op, false))?;
-                $crate::conn::run_prepared!(conn, &statement, $params, $want, node, op).await
+                let run = $crate::conn::run_prepared!(conn, &statement, $params, $want, node, op);
+                match $probe {
+                    None => run.await,
+                    Some(probe) => tokio::join!(run, probe).0,
+                }
             } else {
-                $crate::conn::run_unnamed!(conn, $sql, $params, $want, node, op).await
+                let run = $crate::conn::run_unnamed!(conn, $sql, $params, $want, node, op);
+                match $probe {
+                    None => run.await,
+                    Some(probe) => tokio::join!(run, probe).0,
+                }
             }
         }
     };
@@ -235,7 +246,8 @@ macro_rules! query_methods {
                     params,
                     Want::Rows,
                     self.node.name_arc(),
-                    self.op.name()
+                    self.op.name(),
+                    self.probe(class)
                 )
             );
             self.end(token, sql, class, &result);
@@ -291,7 +303,8 @@ macro_rules! query_methods {
                     params,
                     Want::Count,
                     self.node.name_arc(),
-                    self.op.name()
+                    self.op.name(),
+                    self.probe(class)
                 )
             );
             self.end(token, sql, class, &result);
@@ -377,6 +390,11 @@ impl fmt::Debug for Connection {
 
 impl Connection {
     query_methods!(conn);
+
+    /// Nothing rides along a connection's statements.
+    fn probe(&self, _class: StatementClass) -> Option<std::future::Ready<()>> {
+        None
+    }
 
     /// Before one statement: counted in the record before it is sent...
     fn begin(&self, _sql: &str, class: StatementClass) -> Result<Option<Sent>, Error> {
@@ -469,7 +487,12 @@ pub struct Transaction<'a> {
     pub(crate) op: Op,
     pub(crate) prepared: bool,
     pub(crate) limit: Option<Duration>,
+    /// Whether the transaction may write (not `READ ONLY`).
+    writable: bool,
     health: Mutex<Health>,
+    /// What the probe sent with the first write read: the transaction's id
+    /// and where the server was.
+    xact: Mutex<Option<XactProbe>>,
 }
 
 impl fmt::Debug for Transaction<'_> {
@@ -488,6 +511,7 @@ impl<'a> Transaction<'a> {
         op: Op,
         prepared: bool,
         limit: Option<Duration>,
+        writable: bool,
     ) -> Self {
         Transaction {
             tx,
@@ -495,11 +519,40 @@ impl<'a> Transaction<'a> {
             op,
             prepared,
             limit,
+            writable,
             health: Mutex::new(Health::default()),
+            xact: Mutex::new(None),
         }
     }
 
     query_methods!(tx);
+
+    /// For a statement that may write, until the transaction's id is known:
+    /// [`XACT_PROBE_SQL`], sent right behind the statement in the same round
+    /// trip. Its answer (the id, the WAL position after the write, the
+    /// server's start time and timeline) lets a `COMMIT` whose connection
+    /// breaks be looked up on another connection. Read-only work never
+    /// probes, so it never takes a transaction id.
+    fn probe(&self, class: StatementClass) -> Option<impl Future<Output = ()> + '_> {
+        if !self.writable || class.is_read() || lock(&self.xact).is_some() {
+            return None;
+        }
+        Some(async {
+            if let Ok(messages) = self.tx.simple_query(XACT_PROBE_SQL).await {
+                let seen = XactProbe::from_messages(&messages);
+                // No id yet (the statement wrote nothing): ask again with
+                // the next write.
+                if matches!(seen.xid, pgstack_pool::TransactionId::Assigned(_)) {
+                    *lock(&self.xact) = Some(seen);
+                }
+            }
+        })
+    }
+
+    /// What the probe sent with the first write read, if it answered.
+    pub(crate) fn xact(&self) -> Option<XactProbe> {
+        lock(&self.xact).clone()
+    }
 
     /// Before one statement: transaction control is refused; the statement
     /// counts as unseen until its outcome is recorded by

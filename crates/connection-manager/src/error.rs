@@ -180,21 +180,54 @@ pub enum Error {
         after: Duration,
     },
     /// The connection was lost while `COMMIT` (or an autocommit write) was in
-    /// flight: the work may or may not have been committed. Never retried;
-    /// look the effect up (e.g. by its key) to decide.
+    /// flight, and nobody could tell whether it committed: `reason` says why
+    /// (an autocommit write cannot be looked up; a transaction's id was not
+    /// learned; no primary answered before the call's deadline). Never
+    /// retried; look the effect up (e.g. by its key) before repeating it,
+    /// or, for a transaction whose id is known, ask the primary
+    /// `SELECT txid_status(xid)`.
     #[error(
-        "the outcome of `{operation}` on {node} is unknown: the connection was lost while the \
-         commit was in flight; check whether it took effect before repeating it"
+        "the outcome of `{operation}` on {node} is unknown: {reason}{}; check whether it took \
+         effect before repeating it",
+        match .xid {
+            Some(xid) => format!(" (transaction id {xid}: `SELECT txid_status({xid})` on the primary tells)"),
+            None => String::new(),
+        }
     )]
     CommitOutcomeUnknown {
         /// The node.
         node: Arc<str>,
         /// The operation.
         operation: String,
+        /// Why the outcome could not be found out.
+        reason: String,
+        /// The transaction's id, when it was learned.
+        xid: Option<i64>,
         /// What tokio-postgres reported; `None` when the commit ran past the
         /// attempt's time limit.
         #[source]
         source: Option<tokio_postgres::Error>,
+    },
+    /// The connection was lost while `COMMIT` was in flight, and the primary
+    /// that answers now has never seen the transaction's writes: another
+    /// node was promoted (or the server's log was cut short) before they
+    /// reached it. It did not commit there; whatever the old primary did is
+    /// gone with it. Repeating the work on the current primary is safe
+    /// ([`Error::provably_not_sent`] is true), but it is not done for the
+    /// caller: a commit lost in a failover is worth knowing about.
+    #[error(
+        "the commit of `{operation}` on {node} was lost: {reason} (transaction id {xid}); it \
+         did not commit on the current primary, so repeating it is safe"
+    )]
+    CommitLost {
+        /// The node the transaction ran on.
+        node: Arc<str>,
+        /// The operation.
+        operation: String,
+        /// The transaction's id on the old primary.
+        xid: i64,
+        /// What showed it.
+        reason: String,
     },
     /// The call failed after some of its work reached the server and may
     /// have taken effect (`committed`: did take effect), so it was not
@@ -248,6 +281,21 @@ pub enum Error {
         reason: String,
         /// Its SQLSTATE, for a server error.
         code: Option<String>,
+    },
+    /// A transaction failed and did not commit: nothing of it took effect
+    /// (its connection broke before `COMMIT`, a round trip ran out, or a
+    /// `COMMIT` whose connection broke was looked up and found rolled back),
+    /// and the retries, if any, ran out. `source` is the last failure;
+    /// [`Error::code`] and [`Error::is_transient`] look through to it.
+    #[error("`{operation}` on {node} did not commit (nothing of it took effect): {source}")]
+    RolledBack {
+        /// The node.
+        node: Arc<str>,
+        /// The operation.
+        operation: String,
+        /// The failure.
+        #[source]
+        source: Box<Error>,
     },
     /// The cluster is shutting down: no new work is taken.
     #[error("the cluster is shutting down; `{operation}` was not started")]
@@ -354,6 +402,7 @@ impl Error {
             | Error::Connection { .. }
             | Error::Timeout { .. } => true,
             Error::Database(db) => is_transient_sqlstate(&db.code),
+            Error::RolledBack { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -363,7 +412,9 @@ impl Error {
     pub fn code(&self) -> Option<&str> {
         match self {
             Error::Database(db) => Some(&db.code),
-            Error::PartiallyApplied { source, .. } => source.code(),
+            Error::PartiallyApplied { source, .. } | Error::RolledBack { source, .. } => {
+                source.code()
+            }
             Error::TransactionAborted { code, .. } => code.as_deref(),
             _ => None,
         }
@@ -374,7 +425,9 @@ impl Error {
     pub fn as_db_error(&self) -> Option<&DbError> {
         match self {
             Error::Database(db) => Some(db),
-            Error::PartiallyApplied { source, .. } => source.as_db_error(),
+            Error::PartiallyApplied { source, .. } | Error::RolledBack { source, .. } => {
+                source.as_db_error()
+            }
             _ => None,
         }
     }
@@ -382,6 +435,11 @@ impl Error {
     /// Whether this is [`Error::CommitOutcomeUnknown`].
     pub fn is_commit_outcome_unknown(&self) -> bool {
         matches!(self, Error::CommitOutcomeUnknown { .. })
+    }
+
+    /// Whether this is [`Error::CommitLost`].
+    pub fn is_commit_lost(&self) -> bool {
+        matches!(self, Error::CommitLost { .. })
     }
 
     /// Whether this is a unique-constraint violation (`23505`).
@@ -398,6 +456,8 @@ impl Error {
             | Error::Connection { node, .. }
             | Error::Timeout { node, .. }
             | Error::CommitOutcomeUnknown { node, .. }
+            | Error::CommitLost { node, .. }
+            | Error::RolledBack { node, .. }
             | Error::Client { node, .. }
             | Error::UnexpectedRows { node, .. }
             | Error::PartiallyApplied { node, .. }
@@ -422,6 +482,8 @@ impl Error {
             | Error::NoPrimary { .. }
             | Error::Usage { .. }
             | Error::TransactionAborted { .. }
+            | Error::CommitLost { .. }
+            | Error::RolledBack { .. }
             | Error::Pool { .. } => true,
             Error::Connection { sent, .. } => !sent,
             Error::Database(db) => is_rejected_before_effect(&db.code),

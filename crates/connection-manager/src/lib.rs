@@ -123,8 +123,8 @@ pub use crate::observe::{
 };
 pub use crate::route::{InvalidWalPosition, Op, Route, WalPosition};
 pub use crate::stats::{
-    ClusterMetrics, FAILOVERS_METRIC, NodeMetrics, QUERIES_METRIC, QUERY_DURATION_METRIC,
-    QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
+    COMMIT_RESOLUTIONS_METRIC, ClusterMetrics, CommitResolutions, FAILOVERS_METRIC, NodeMetrics,
+    QUERIES_METRIC, QUERY_DURATION_METRIC, QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
 };
 pub use pgstack_pool::{AcquirePhase, IsolationLevel, PoolError, PoolStatus, TransactionOptions};
 /// The state of a node's circuit breaker ([`Node::circuit_breaker`]).

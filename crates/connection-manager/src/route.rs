@@ -128,6 +128,7 @@ impl fmt::Display for Route {
 pub struct Op {
     name: Name,
     idempotent: bool,
+    resolvable: bool,
     retry_deadline: Option<Duration>,
 }
 
@@ -149,6 +150,7 @@ impl Op {
         Op {
             name,
             idempotent: false,
+            resolvable: false,
             retry_deadline: None,
         }
     }
@@ -159,6 +161,26 @@ impl Op {
     pub fn idempotent(mut self) -> Self {
         self.idempotent = true;
         self
+    }
+
+    /// Runs a single-statement write (`execute`, `query`, ... on
+    /// [`Route::Write`], or any statement that is not a plain read) as a
+    /// one-statement transaction, so that a connection lost while its commit
+    /// was in flight is looked up (`txid_status`) like a transaction's:
+    /// committed is success, rolled back is retried, and only an
+    /// unanswerable one is [`crate::Error::CommitOutcomeUnknown`]. It costs
+    /// a connection of its own and two more round trips (`BEGIN`, and
+    /// `COMMIT` after the statement) instead of one on a shared connection.
+    /// Reads are not affected.
+    pub fn resolvable(mut self) -> Self {
+        self.resolvable = true;
+        self
+    }
+
+    /// Whether writes of this operation run as one-statement transactions
+    /// ([`Op::resolvable`]).
+    pub fn is_resolvable(&self) -> bool {
+        self.resolvable
     }
 
     /// This call's retry deadline, in place of `retry.deadline`: no retry,

@@ -19,6 +19,10 @@ pub const SLOW_QUERIES_METRIC: &str = "pgstack_slow_queries_total";
 /// Counter of primary changes found by re-discovery, labelled `node` (the
 /// new primary).
 pub const FAILOVERS_METRIC: &str = "pgstack_primary_changes_total";
+/// Counter of `COMMIT`s whose connection broke in flight and that were
+/// looked up, labelled `node` and `outcome` (`committed`, `aborted`, `lost`,
+/// `unknown`).
+pub const COMMIT_RESOLUTIONS_METRIC: &str = "pgstack_commit_resolutions_total";
 
 /// Sub-buckets per power of two: values are kept within 12.5 %.
 const SUB_BITS: u32 = 3;
@@ -106,11 +110,78 @@ pub(crate) struct Counters {
     pub(crate) primary_changes: AtomicU64,
     pub(crate) lanes_busy: AtomicU64,
     pub(crate) long_statements: AtomicU64,
+    pub(crate) resolutions: [AtomicU64; 4],
     pub(crate) latency: Histogram,
     pub(crate) series: SeriesCache,
 }
 
+/// How a `COMMIT` whose connection broke in flight turned out, once looked
+/// up (the `outcome` label of [`COMMIT_RESOLUTIONS_METRIC`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Resolution {
+    Committed = 0,
+    Aborted = 1,
+    Lost = 2,
+    Unknown = 3,
+}
+
+impl Resolution {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Committed => "committed",
+            Resolution::Aborted => "aborted",
+            Resolution::Lost => "lost",
+            Resolution::Unknown => "unknown",
+        }
+    }
+}
+
+/// `COMMIT`s whose connection broke in flight, by what looking them up
+/// found ([`ClusterMetrics::commit_resolutions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct CommitResolutions {
+    /// The transaction had committed: the call succeeded.
+    pub committed: u64,
+    /// It had been rolled back: nothing took effect, and the transaction was
+    /// retried by its rules.
+    pub aborted: u64,
+    /// The primary answering now never saw it ([`crate::Error::CommitLost`]).
+    pub lost: u64,
+    /// Nobody could tell ([`crate::Error::CommitOutcomeUnknown`]).
+    pub unknown: u64,
+}
+
+impl CommitResolutions {
+    /// Every interrupted `COMMIT` looked up.
+    pub fn total(&self) -> u64 {
+        self.committed + self.aborted + self.lost + self.unknown
+    }
+}
+
 impl Counters {
+    /// Counts one looked-up `COMMIT`, here and in
+    /// [`COMMIT_RESOLUTIONS_METRIC`].
+    pub(crate) fn resolved(&self, node: &std::sync::Arc<str>, resolution: Resolution) {
+        self.resolutions[resolution as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(
+            COMMIT_RESOLUTIONS_METRIC,
+            "node" => metrics::SharedString::from(std::sync::Arc::clone(node)),
+            "outcome" => resolution.as_str()
+        )
+        .increment(1);
+    }
+
+    pub(crate) fn commit_resolutions(&self) -> CommitResolutions {
+        let n = |r: Resolution| self.resolutions[r as usize].load(Ordering::Relaxed);
+        CommitResolutions {
+            committed: n(Resolution::Committed),
+            aborted: n(Resolution::Aborted),
+            lost: n(Resolution::Lost),
+            unknown: n(Resolution::Unknown),
+        }
+    }
+
     pub(crate) fn new() -> Self {
         Counters {
             calls: AtomicU64::new(0),
@@ -121,6 +192,7 @@ impl Counters {
             primary_changes: AtomicU64::new(0),
             lanes_busy: AtomicU64::new(0),
             long_statements: AtomicU64::new(0),
+            resolutions: Default::default(),
             latency: Histogram::new(),
             series: SeriesCache::new(),
         }
@@ -143,6 +215,9 @@ pub struct ClusterMetrics {
     pub slow_queries: u64,
     /// Primary changes found by re-discovery.
     pub primary_changes: u64,
+    /// `COMMIT`s whose connection broke in flight, by what looking them up
+    /// found.
+    pub commit_resolutions: CommitResolutions,
     /// Statements that could have shared a connection but found every
     /// shared connection busy (stuck behind a long statement, or carrying one
     /// of unknown length) and took a connection of their own.

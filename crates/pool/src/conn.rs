@@ -807,7 +807,7 @@ async fn clean_up_and_return(
     shared.returning.send_modify(|n| *n = n.saturating_sub(1));
 }
 
-/// A transaction's id, as the check before `COMMIT` saw it.
+/// A transaction's id, as a [`XactProbe`] saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TransactionId {
@@ -821,14 +821,83 @@ pub enum TransactionId {
     Assigned(i64),
 }
 
+/// The statement of a [`XactProbe`]: the transaction's id, and where the
+/// server is (its start time, and on a primary the WAL insert position and
+/// the timeline), read inside the transaction in one row.
+pub const XACT_PROBE_SQL: &str = "SELECT txid_current_if_assigned()::text, \
+     pg_postmaster_start_time()::text, \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END, \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+          ELSE substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) END";
+
+/// What [`XACT_PROBE_SQL`] read inside a transaction: enough to ask the
+/// server later, on another connection, whether the transaction committed,
+/// and to tell whether the server answering is the one that ran it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct XactProbe {
+    /// The transaction's id.
+    pub xid: TransactionId,
+    /// `pg_postmaster_start_time()` as text: a server restarted since has
+    /// another.
+    pub server_started: Option<String>,
+    /// The WAL insert position when the probe ran (64-bit): every record the
+    /// transaction wrote before the probe ends at or before it.
+    pub insert_lsn: Option<u64>,
+    /// The primary's timeline: a promotion starts a new one.
+    pub timeline: Option<u32>,
+}
+
+impl XactProbe {
+    /// A probe that did not answer.
+    pub const UNKNOWN: XactProbe = XactProbe {
+        xid: TransactionId::Unknown,
+        server_started: None,
+        insert_lsn: None,
+        timeline: None,
+    };
+
+    /// Reads the row of [`XACT_PROBE_SQL`] from a simple query's messages.
+    pub fn from_messages(messages: &[SimpleQueryMessage]) -> XactProbe {
+        let Some(row) = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        }) else {
+            return XactProbe::UNKNOWN;
+        };
+        let text = |i: usize| row.try_get(i).ok().flatten();
+        let xid = match row.try_get(0) {
+            Ok(None) => TransactionId::Unassigned,
+            Ok(Some(text)) => text
+                .parse()
+                .map_or(TransactionId::Unknown, TransactionId::Assigned),
+            Err(_) => TransactionId::Unknown,
+        };
+        XactProbe {
+            xid,
+            server_started: text(1).map(str::to_owned),
+            insert_lsn: text(2).and_then(parse_lsn),
+            timeline: text(3).and_then(|t| u32::from_str_radix(t, 16).ok()),
+        }
+    }
+}
+
+/// A `pg_lsn` in its text form (`16/B374D848`) as a 64-bit position.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
 /// What [`Transaction::commit_checked`] saw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum CommitOutcome {
     /// The server confirmed the `COMMIT`.
     Committed {
-        /// The transaction's id.
-        xid: TransactionId,
+        /// What the check before `COMMIT` read.
+        probe: XactProbe,
     },
     /// A statement had failed in the transaction (or the check before
     /// `COMMIT` failed), so the server rolled it back: nothing was
@@ -844,13 +913,18 @@ pub enum CommitOutcome {
 })]
 #[non_exhaustive]
 pub struct CommitFailed {
-    /// The transaction's id, when the check before `COMMIT` answered.
-    pub xid: TransactionId,
+    /// What the check before `COMMIT` read (its id, where the server was),
+    /// when it answered.
+    pub probe: XactProbe,
     /// What tokio-postgres reported; `None` when the round trip ran past
     /// its limit. A server error means nothing was committed; anything else
-    /// leaves the outcome unknown.
+    /// leaves the outcome unknown, unless `sent` is false.
     #[source]
     pub error: Option<Error>,
+    /// Whether `COMMIT` may have reached the server: false when the
+    /// connection had already closed before it was sent, so the transaction
+    /// did not commit.
+    pub sent: bool,
 }
 
 impl CommitFailed {
@@ -938,10 +1012,13 @@ impl Transaction<'_> {
     ) -> Result<CommitOutcome, CommitFailed> {
         self.done = true;
         let pg = self.pg();
+        // A connection that has closed already takes no COMMIT: the
+        // transaction did not commit.
+        let sent = !pg.client.is_closed();
         pg.in_flight.fetch_add(2, Ordering::AcqRel);
         // Both requests go out in this order on the first poll (biased
         // select): the check runs inside the transaction, then COMMIT.
-        let probe = pg.client.simple_query("SELECT txid_current_if_assigned()");
+        let probe = pg.client.simple_query(XACT_PROBE_SQL);
         let commit = pg.client.batch_execute("COMMIT");
         let mut probe = std::pin::pin!(probe);
         let mut commit = std::pin::pin!(commit);
@@ -968,21 +1045,9 @@ impl Transaction<'_> {
                 () = &mut timer => break None,
             }
         };
-        let xid = match &probed {
-            Some(Ok(messages)) => {
-                let value = messages.iter().find_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => Some(row.get(0)),
-                    _ => None,
-                });
-                match value {
-                    Some(None) => TransactionId::Unassigned,
-                    Some(Some(text)) => text
-                        .parse()
-                        .map_or(TransactionId::Unknown, TransactionId::Assigned),
-                    None => TransactionId::Unknown,
-                }
-            }
-            _ => TransactionId::Unknown,
+        let xact = match &probed {
+            Some(Ok(messages)) => XactProbe::from_messages(messages),
+            _ => XactProbe::UNKNOWN,
         };
         match committed {
             Some(Ok(())) => {
@@ -995,19 +1060,24 @@ impl Transaction<'_> {
                     // The check failed inside the transaction: it was (or
                     // became) aborted, and COMMIT rolled it back.
                     Some(Err(e)) if e.as_db_error().is_some() => Ok(CommitOutcome::RolledBack),
-                    _ => Ok(CommitOutcome::Committed { xid }),
+                    _ => Ok(CommitOutcome::Committed { probe: xact }),
                 }
             }
             Some(Err(error)) => {
                 pg.mark_unknown();
                 Err(CommitFailed {
-                    xid,
+                    probe: xact,
                     error: Some(error),
+                    sent,
                 })
             }
             None => {
                 pg.mark_unknown();
-                Err(CommitFailed { xid, error: None })
+                Err(CommitFailed {
+                    probe: xact,
+                    error: None,
+                    sent,
+                })
             }
         }
     }

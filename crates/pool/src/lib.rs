@@ -70,7 +70,7 @@ mod tls;
 
 pub use crate::conn::{
     CommitFailed, CommitOutcome, IsolationLevel, PooledConnection, StatementRef, StatementText,
-    Transaction, TransactionId, TransactionOptions,
+    Transaction, TransactionId, TransactionOptions, XACT_PROBE_SQL, XactProbe, parse_lsn,
 };
 pub use crate::error::{
     AcquirePhase, AcquireTimeout, ConfigError, ConnectError, LastConnectError, PoolError,

@@ -199,6 +199,8 @@ pub(crate) fn kind(error: &Error) -> &'static str {
         Error::NoPrimary { .. } => "no-primary",
         Error::PartiallyApplied { .. } => "partially-applied",
         Error::TransactionAborted { .. } => "transaction-aborted",
+        Error::RolledBack { .. } => "rolled-back",
+        Error::CommitLost { .. } => "commit-lost",
         _ => "other",
     }
 }

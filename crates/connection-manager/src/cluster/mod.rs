@@ -38,6 +38,7 @@ mod builder;
 mod closure;
 mod discovery;
 mod replication;
+mod resolve;
 mod retry;
 mod statement;
 mod transaction;
@@ -255,6 +256,7 @@ impl Cluster {
             primary_changes: c.primary_changes.load(Ordering::Relaxed),
             lanes_busy: c.lanes_busy.load(Ordering::Relaxed),
             long_statements: c.long_statements.load(Ordering::Relaxed),
+            commit_resolutions: c.commit_resolutions(),
             latency_p50: c.latency.quantile(0.50),
             latency_p99: c.latency.quantile(0.99),
             nodes: self

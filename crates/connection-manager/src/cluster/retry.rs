@@ -61,7 +61,21 @@ impl<'a> CallRules<'a> {
     /// work of the call may have taken effect says so instead.
     pub(super) fn settle(&self, error: Error, op: &Op) -> Error {
         if self.effect(&error) < Effect::MayHaveWritten {
-            return error;
+            // A transaction that broke (or whose COMMIT was found rolled
+            // back) did not commit: say so, so that `provably_not_sent`
+            // tells the truth.
+            return match error {
+                Error::Connection { sent: true, .. } | Error::Timeout { .. }
+                    if self.shape == Shape::Transaction =>
+                {
+                    Error::RolledBack {
+                        node: error.node().map_or_else(|| Arc::from("unknown"), Arc::from),
+                        operation: op.name().to_owned(),
+                        source: Box::new(error),
+                    }
+                }
+                error => error,
+            };
         }
         let in_flight = matches!(self.shape, Shape::Statement { .. } | Shape::Closure);
         match error {
@@ -73,6 +87,8 @@ impl<'a> CallRules<'a> {
             } if in_flight && !self.idempotent => Error::CommitOutcomeUnknown {
                 node,
                 operation,
+                reason: self.lost_in_flight("its connection broke"),
+                xid: None,
                 source: Some(source),
             },
             Error::Timeout {
@@ -80,6 +96,8 @@ impl<'a> CallRules<'a> {
             } if in_flight && !self.idempotent => Error::CommitOutcomeUnknown {
                 node,
                 operation,
+                reason: self.lost_in_flight("its round trip ran out"),
+                xid: None,
                 source: None,
             },
             error if error.provably_not_sent() => Error::PartiallyApplied {
@@ -89,6 +107,22 @@ impl<'a> CallRules<'a> {
                 source: Box::new(error),
             },
             error => error,
+        }
+    }
+}
+
+impl CallRules<'_> {
+    /// Why a write lost in flight cannot be looked up.
+    fn lost_in_flight(&self, what: &str) -> String {
+        match self.shape {
+            Shape::Closure => format!(
+                "a statement of the closure wrote, then {what} with a statement in flight \
+                 (each autocommit statement is its own commit, which cannot be looked up)"
+            ),
+            _ => format!(
+                "{what} while the autocommit write was in flight (an autocommit statement's \
+                 commit cannot be looked up; Op::resolvable runs it as a transaction that can)"
+            ),
         }
     }
 }
@@ -109,7 +143,10 @@ impl Classify<Error> for CallRules<'_> {
             return ErrorClass::Permanent;
         }
         match error {
-            Error::CommitOutcomeUnknown { .. } | Error::PartiallyApplied { .. } => {
+            Error::CommitOutcomeUnknown { .. }
+            | Error::PartiallyApplied { .. }
+            | Error::CommitLost { .. }
+            | Error::RolledBack { .. } => {
                 return ErrorClass::TransientNotRepeatable;
             }
             // A transaction whose round trip ran out was rolled back; the
@@ -203,9 +240,7 @@ impl Cluster {
             Ok(work) => work,
             Err(e) => return Err((e, None)),
         };
-        let deadline = op
-            .retry_deadline_override()
-            .or_else(|| self.inner.retry.deadline());
+        let deadline = self.retry_deadline(op);
         rules.give_up_at = deadline.map(|d| started + d);
         let result = self
             .inner
@@ -223,6 +258,13 @@ impl Cluster {
             let Failed(error, node) = e.into_inner();
             (rules.settle(error, op), node)
         })
+    }
+
+    /// The call's retry deadline: its own ([`Op::retry_deadline`]), else
+    /// `retry.deadline`.
+    pub(super) fn retry_deadline(&self, op: &Op) -> Option<Duration> {
+        op.retry_deadline_override()
+            .or_else(|| self.inner.retry.deadline())
     }
 
     /// Records a finished call in the counters and the `pgstack_` series.
@@ -299,6 +341,8 @@ mod tests {
         Error::CommitOutcomeUnknown {
             node: "primary".into(),
             operation: "op".into(),
+            reason: "test".into(),
+            xid: None,
             source: None,
         }
     }
@@ -423,10 +467,12 @@ mod tests {
         assert_eq!(tx.classify(&unavailable()), ErrorClass::Transient);
         // Rolled back after a round trip ran out: not waited for again.
         assert_eq!(tx.classify(&timeout()), ErrorClass::TransientNotRepeatable);
-        assert!(matches!(
-            tx.settle(timeout(), &Op::from("op")),
-            Error::Timeout { .. }
-        ));
+        let settled = tx.settle(timeout(), &Op::from("op"));
+        assert!(
+            matches!(&settled, Error::RolledBack { source, .. } if matches!(**source, Error::Timeout { .. })),
+            "{settled:?}"
+        );
+        assert!(settled.provably_not_sent());
         // A nested autocommit write outside the transaction took effect.
         let _ = record.sending(true);
         assert_eq!(

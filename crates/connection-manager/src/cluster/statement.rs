@@ -203,6 +203,11 @@ impl Cluster {
                     },
                     None,
                 )),
+                None if op.is_resolvable() && (!route.is_read() || !profile.class.is_read()) => {
+                    return self
+                        .resolvable_statement(op, sql, params, want, track)
+                        .await;
+                }
                 None => {
                     let writes = !route.is_read() || !profile.class.is_read();
                     let statement = Statement {
@@ -227,6 +232,28 @@ impl Cluster {
         }
         .instrument(span)
         .await
+    }
+
+    /// A write of an [`Op::resolvable`] operation: a one-statement
+    /// transaction on the primary, whose broken `COMMIT` is looked up.
+    async fn resolvable_statement(
+        &self,
+        op: &Op,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        want: Want,
+        track: bool,
+    ) -> Result<(Done, Node), Error> {
+        let (got, node) = self
+            .statement_transaction(op.clone(), sql, params, want)
+            .await?;
+        // The commit's position: read after it, on the primary.
+        let position = if track {
+            Some(self.wal_position(op.clone()).await)
+        } else {
+            None
+        };
+        Ok(((got, position), node))
     }
 
     async fn statement_attempt(

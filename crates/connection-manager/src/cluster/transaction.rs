@@ -2,6 +2,137 @@
 
 use super::*;
 
+/// The body of [`Cluster::run_transaction`] and its kin: the span, the
+/// call's record and rules, the deadline a broken `COMMIT` is looked up
+/// until, the retries, and the figures. `$attempt` is the body of one
+/// attempt, given `$attempting` ([`Attempting`]) and `$record`.
+macro_rules! run_transaction {
+    ($cluster:expr, $op:expr, $options:expr, |$attempting:ident, $record:ident| $attempt:expr) => {{
+        let cluster: &Cluster = $cluster;
+        let op: Op = $op;
+        let options: TransactionOptions = $options;
+        let route = if options.read_only {
+            Route::Read
+        } else {
+            Route::Write
+        };
+        let span = tracing::debug_span!(
+            "pgstack.transaction",
+            op = op.name(),
+            route = route.as_str(),
+            node = tracing::field::Empty,
+            attempt = tracing::field::Empty
+        );
+        async {
+            let started = Instant::now();
+            // What calls nested in the closure did outside the transaction;
+            // the transaction's own statements take effect only with COMMIT.
+            let record = Record::nested();
+            let rules = CallRules::new(Shape::Transaction, &op, Some(&*record));
+            // A broken COMMIT is looked up until the call's deadline.
+            let until = started
+                + cluster
+                    .retry_deadline(&op)
+                    .unwrap_or(RESOLVE_WITHOUT_DEADLINE);
+            let result = cluster
+                .with_retries(&op, rules, started, |attempt| {
+                    let ($record, op) = (&record, &op);
+                    async move {
+                        let $attempting = Attempting {
+                            op,
+                            route,
+                            options,
+                            attempt,
+                            until,
+                        };
+                        $attempt
+                    }
+                })
+                .await;
+            cluster.finish(&op, route, started, result)
+        }
+        .instrument(span)
+        .await
+    }};
+}
+
+/// One attempt of a transaction: a connection, `BEGIN`, the work (`$work`,
+/// an expression of `$tx: &mut Transaction`), then `COMMIT`, or a rollback.
+macro_rules! attempt_transaction {
+    ($cluster:expr, $attempting:expr, $record:expr, |$tx:ident| $work:expr) => {{
+        let cluster: &Cluster = $cluster;
+        let record: &Arc<Record> = $record;
+        let Attempting {
+            op,
+            route,
+            options,
+            attempt,
+            until,
+        } = $attempting;
+        let node = cluster.route(route).clone();
+        record_attempt(&node, attempt);
+        match cluster.checkout(&node, op).await {
+            Err(e) => Err(Failed(e, Some(node))),
+            Ok(mut conn) => {
+                let limit = cluster.inner.settings.round_trip;
+                let result = async {
+                    let begin = async {
+                        conn.transaction_with(options)
+                            .await
+                            .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))
+                    };
+                    let tx = conn::bounded!(limit, &node, op, begin)?;
+                    let mut tx = Transaction::new(
+                        tx,
+                        node.clone(),
+                        op.clone(),
+                        cluster.inner.settings.prepared,
+                        limit,
+                        !options.read_only,
+                    );
+                    let work = {
+                        let $tx = &mut tx;
+                        record::scope(Arc::clone(record), $work)
+                    };
+                    match work.await {
+                        Ok(value) => cluster.commit(tx, value, &node, op, record, until).await,
+                        Err(error) => {
+                            if !matches!(error, Error::Connection { .. } | Error::Timeout { .. }) {
+                                // Best effort, bounded: if it fails, the pool
+                                // rolls back or closes the connection before
+                                // reuse.
+                                let rollback = async {
+                                    tx.into_inner().rollback().await.map_err(|e| {
+                                        Error::from_postgres(e, node.name_arc(), op.name(), true)
+                                    })
+                                };
+                                let _ = conn::bounded!(limit, &node, op, rollback);
+                            }
+                            // A broken or timed-out connection is not waited
+                            // on: the pool rolls it back off the caller's
+                            // path, or closes it.
+                            Err(error)
+                        }
+                    }
+                }
+                .await;
+                drop(conn);
+                match result {
+                    Ok(value) => Ok((value, node)),
+                    Err(error) => {
+                        // (A read-only transaction's 25006 says nothing about
+                        // the node.)
+                        let error = cluster
+                            .after_failure(&node, op, error, !options.read_only)
+                            .await;
+                        Err(Failed(error, Some(node)))
+                    }
+                }
+            }
+        }
+    }};
+}
+
 impl Cluster {
     /// Runs `work` inside a transaction on the primary: committed when it
     /// returns `Ok`, rolled back on `Err`, on a panic or when the future is
@@ -66,106 +197,47 @@ impl Cluster {
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        let op = op.into();
-        let route = if options.read_only {
-            Route::Read
-        } else {
-            Route::Write
-        };
-        let span = tracing::debug_span!(
-            "pgstack.transaction",
-            op = op.name(),
-            route = route.as_str(),
-            node = tracing::field::Empty,
-            attempt = tracing::field::Empty
-        );
-        async {
-            let started = Instant::now();
-            // What calls nested in the closure did outside the transaction;
-            // the transaction's own statements take effect only with COMMIT.
-            let record = Record::nested();
-            let rules = CallRules::new(Shape::Transaction, &op, Some(&*record));
-            let work = tokio::sync::Mutex::new(work);
-            let result = self
-                .with_retries(&op, rules, started, |attempt| {
-                    let (work, op, record) = (&work, &op, &record);
-                    async move {
-                        let mut work = work.lock().await;
-                        self.transaction_attempt(op, route, options, attempt, record, &mut *work)
-                            .await
-                    }
-                })
-                .await;
-            self.finish(&op, route, started, result).map(|(v, _)| v)
-        }
-        .instrument(span)
-        .await
+        self.run_transaction(op.into(), options, work)
+            .await
+            .map(|(value, _)| value)
     }
 
-    async fn transaction_attempt<T, F>(
+    /// [`Cluster::transaction_with`], also handing back the node it ran on.
+    pub(super) async fn run_transaction<T, F>(
         &self,
-        op: &Op,
-        route: Route,
+        op: Op,
         options: TransactionOptions,
-        attempt: u32,
-        record: &Arc<Record>,
-        work: &mut F,
-    ) -> Tried<T>
+        work: F,
+    ) -> Result<(T, Node), Error>
     where
         F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
     {
-        let node = self.route(route).clone();
-        record_attempt(&node, attempt);
-        let mut conn = match self.checkout(&node, op).await {
-            Ok(conn) => conn,
-            Err(e) => return Err(Failed(e, Some(node))),
-        };
-        let limit = self.inner.settings.round_trip;
-        let result = async {
-            let begin = async {
-                conn.transaction_with(options)
-                    .await
-                    .map_err(|e| Error::from_postgres(e, node.name_arc(), op.name(), false))
-            };
-            let tx = conn::bounded!(limit, &node, op, begin)?;
-            let mut tx = Transaction::new(
-                tx,
-                node.clone(),
-                op.clone(),
-                self.inner.settings.prepared,
-                limit,
-            );
-            match record::scope(Arc::clone(record), work(&mut tx)).await {
-                Ok(value) => self.commit(tx, value, &node, op, record).await,
-                Err(error) => {
-                    if !matches!(error, Error::Connection { .. } | Error::Timeout { .. }) {
-                        // Best effort, bounded: if it fails, the pool rolls
-                        // back or closes the connection before reuse.
-                        let rollback = async {
-                            tx.into_inner().rollback().await.map_err(|e| {
-                                Error::from_postgres(e, node.name_arc(), op.name(), true)
-                            })
-                        };
-                        let _ = conn::bounded!(limit, &node, op, rollback);
-                    }
-                    // A broken or timed-out connection is not waited on: the
-                    // pool rolls it back off the caller's path, or closes it.
-                    Err(error)
+        let work = &tokio::sync::Mutex::new(work);
+        run_transaction!(self, op, options, |attempting, record| {
+            let mut work = work.lock().await;
+            attempt_transaction!(self, attempting, record, |tx| work(tx))
+        })
+    }
+
+    /// One statement of an [`Op::resolvable`] operation as a transaction on
+    /// the primary, whose broken `COMMIT` is looked up. (Not through
+    /// [`Cluster::run_transaction`]: a statement helper's future must be
+    /// `Send`, and a closure's cannot yet be shown to be.)
+    pub(super) async fn statement_transaction(
+        &self,
+        op: Op,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        want: Want,
+    ) -> Result<(Got, Node), Error> {
+        run_transaction!(self, op, TransactionOptions::new(), |attempting, record| {
+            attempt_transaction!(self, attempting, record, |tx| async {
+                match want {
+                    Want::Rows => tx.query(sql, params).await.map(Got::Rows),
+                    Want::Count => tx.execute(sql, params).await.map(Got::Count),
                 }
-            }
-        }
-        .await;
-        drop(conn);
-        match result {
-            Ok(value) => Ok((value, node)),
-            Err(error) => {
-                // (A read-only transaction's 25006 says nothing about the node.)
-                let error = self
-                    .after_failure(&node, op, error, !options.read_only)
-                    .await;
-                Err(Failed(error, Some(node)))
-            }
-        }
+            })
+        })
     }
 
     /// Commits `tx` unless a statement in it failed, checking in the same
@@ -178,9 +250,11 @@ impl Cluster {
         node: &Node,
         op: &Op,
         record: &Record,
+        until: Instant,
     ) -> Result<T, Error> {
         let limit = self.inner.settings.round_trip;
         let (failed, unseen) = tx.health();
+        let first_write = tx.xact();
         if let Some(failure) = failed {
             let rollback = async {
                 tx.into_inner()
@@ -232,84 +306,37 @@ impl Cluster {
                         true,
                     ))
                 }
+                Some(error) if !failed.sent => {
+                    // The connection had closed before COMMIT went out.
+                    Err(Error::from_postgres(
+                        error,
+                        node.name_arc(),
+                        op.name(),
+                        false,
+                    ))
+                }
                 error => {
-                    self.resolve_commit(node, op, failed.xid, error).await?;
+                    // What the first write's probe read; else what the check
+                    // just before COMMIT read, if it answered.
+                    let probe = first_write.unwrap_or(failed.probe);
+                    self.resolve_commit(node, op, &probe, error, until).await?;
                     record.committed();
                     Ok(value)
                 }
             },
         }
     }
-
-    /// A `COMMIT` was in flight when its connection broke or its round trip
-    /// ran out: asks the node, on another connection and within the connect
-    /// timeout, whether the transaction committed. `Ok` when it did; a
-    /// retryable error when it was rolled back (nothing took effect);
-    /// [`Error::CommitOutcomeUnknown`] when nobody can tell.
-    async fn resolve_commit(
-        &self,
-        node: &Node,
-        op: &Op,
-        xid: TransactionId,
-        source: Option<tokio_postgres::Error>,
-    ) -> Result<(), Error> {
-        let unknown = |source| Error::CommitOutcomeUnknown {
-            node: Arc::clone(node.name_arc()),
-            operation: op.name().to_owned(),
-            source,
-        };
-        let xid = match xid {
-            TransactionId::Assigned(xid) => xid,
-            // It wrote nothing: there was nothing to commit, and what it
-            // read stands.
-            TransactionId::Unassigned => return Ok(()),
-            _ => return Err(unknown(source)),
-        };
-        let limit = self.inner.settings.check_timeout;
-        let ask = async {
-            loop {
-                let conn = node.pool().get("pgstack-commit-status").await.ok()?;
-                let rows = conn
-                    .simple_query(&format!("SELECT txid_status({xid})"))
-                    .await
-                    .ok()?;
-                match first_text(&rows) {
-                    // The session that ran it is still there (it has not
-                    // noticed the break yet): ask again.
-                    Some("in progress") => {
-                        drop(conn);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    answer => return answer.map(str::to_owned),
-                }
-            }
-        };
-        let answer = tokio::time::timeout(limit, ask).await.ok().flatten();
-        match answer.as_deref() {
-            Some("committed") => {
-                tracing::info!(
-                    op = op.name(),
-                    node = node.name(),
-                    xid,
-                    "a COMMIT whose connection broke did commit"
-                );
-                Ok(())
-            }
-            Some("aborted") => match source {
-                // Rolled back: nothing took effect, so repeating it is safe.
-                Some(source) => Err(Error::Connection {
-                    node: Arc::clone(node.name_arc()),
-                    operation: op.name().to_owned(),
-                    sent: true,
-                    source,
-                }),
-                None => Err(Error::Timeout {
-                    node: Arc::clone(node.name_arc()),
-                    operation: op.name().to_owned(),
-                    after: self.inner.settings.round_trip.unwrap_or(limit),
-                }),
-            },
-            _ => Err(unknown(source)),
-        }
-    }
 }
+
+/// One attempt of a transaction: what it is, and until when a broken
+/// `COMMIT` may be looked up.
+struct Attempting<'a> {
+    op: &'a Op,
+    route: Route,
+    options: TransactionOptions,
+    attempt: u32,
+    until: Instant,
+}
+
+/// How long a broken `COMMIT` is looked up when the call has no deadline.
+const RESOLVE_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
