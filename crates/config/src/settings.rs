@@ -487,6 +487,10 @@ pub struct QuerySettings {
     /// Use named prepared statements. Turn off behind transaction-mode poolers
     /// (PgBouncer `pool_mode = transaction`).
     pub prepared_statements: bool,
+    /// How long a `Route::ReadAfter(position)` read waits for a replica to
+    /// replay `position` before it goes to the primary; zero: no wait.
+    #[serde(with = "humantime_serde")]
+    pub read_after_wait: Duration,
 }
 
 impl Default for QuerySettings {
@@ -497,6 +501,7 @@ impl Default for QuerySettings {
             application_name: "pgstack".to_owned(),
             log_parameters: false,
             prepared_statements: true,
+            read_after_wait: Duration::from_millis(100),
         }
     }
 }

@@ -78,6 +78,8 @@ pub(crate) struct NodeInner {
     lag_millis: AtomicU64,
     lag_bytes: AtomicU64,
     replay_lsn: AtomicU64,
+    /// The fingerprint of the server last observed (0: none yet).
+    identity: AtomicU64,
     pub(crate) queries: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) lanes: Lanes,
@@ -115,6 +117,7 @@ impl Node {
                 lag_millis: AtomicU64::new(UNKNOWN),
                 lag_bytes: AtomicU64::new(UNKNOWN),
                 replay_lsn: AtomicU64::new(UNKNOWN),
+                identity: AtomicU64::new(0),
                 queries: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 lanes,
@@ -243,6 +246,20 @@ impl Node {
                 );
             }
         }
+    }
+
+    /// Records the identity of the server last observed; true when another
+    /// one had been seen before.
+    pub(crate) fn replace_identity(&self, identity: u64) -> bool {
+        let old = self.inner.identity.swap(identity, Ordering::AcqRel);
+        old != 0 && old != identity
+    }
+
+    /// Forgets the replay position and the identity last seen (after a
+    /// change of roles: positions are compared afresh).
+    pub(crate) fn forget_replication(&self) {
+        self.inner.identity.store(0, Ordering::Release);
+        self.set_replay_position(None);
     }
 
     /// The replay position last recorded.

@@ -20,12 +20,15 @@ use crate::route::WalPosition;
 /// The statement behind [`observe`]: recovery, `transaction_read_only`,
 /// the current WAL position (only outside recovery, where
 /// `pg_current_wal_lsn()` fails), the last replayed position and the age in
-/// seconds of the last replayed transaction (both `NULL` on a primary).
+/// seconds of the last replayed transaction (both `NULL` on a primary), and
+/// the server's identity: its system identifier and start time.
 pub const OBSERVE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      current_setting('transaction_read_only'), \
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END, \
      pg_last_wal_replay_lsn()::text, \
-     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8::text";
+     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8::text, \
+     (SELECT system_identifier FROM pg_control_system())::text || '@' \
+       || pg_postmaster_start_time()::text";
 
 /// How long [`observe_replica`] waits before it looks again at a replica
 /// seen behind: a record written just before the primary was asked is
@@ -54,6 +57,11 @@ pub struct Observation {
     /// (`now() - pg_last_xact_replay_timestamp()`, never negative); `None`
     /// before the first replayed transaction, and on a primary.
     pub replay_age: Option<Duration>,
+    /// A fingerprint of the server that answered (its system identifier and
+    /// start time): another value means another server behind the same
+    /// address, or the same one restarted or rebuilt, whose replay
+    /// positions are not comparable with those seen before.
+    pub identity: Option<u64>,
 }
 
 /// A replica's lag behind a position of the primary.
@@ -115,17 +123,26 @@ impl Observation {
         self.in_recovery && matches!((primary, self.replay_position), (Some(p), Some(r)) if r < p)
     }
 
-    /// Reads the five columns of [`OBSERVE_QUERY`], as text.
-    fn from_columns(columns: [Option<&str>; 5]) -> Observation {
-        let [in_recovery, read_only, current, replay, age] = columns;
+    /// Reads the six columns of [`OBSERVE_QUERY`], as text.
+    fn from_columns(columns: [Option<&str>; 6]) -> Observation {
+        let [in_recovery, read_only, current, replay, age, identity] = columns;
         Observation {
             in_recovery: in_recovery == Some("t"),
             read_only: read_only == Some("on"),
             wal_position: current.and_then(|t| t.parse().ok()),
             replay_position: replay.and_then(|t| t.parse().ok()),
             replay_age: age.and_then(parse_age),
+            identity: identity.map(fingerprint),
         }
     }
+}
+
+/// A stable 64-bit fingerprint of a text (FNV-1a), never 0.
+fn fingerprint(text: &str) -> u64 {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash.max(1)
 }
 
 /// Seconds as PostgreSQL prints a `float8`; a negative age (clocks of
@@ -181,6 +198,7 @@ pub async fn observe(conn: &PooledConnection) -> Result<Observation, ObserveErro
         row.get(2),
         row.get(3),
         row.get(4),
+        row.try_get(5).ok().flatten(),
     ]))
 }
 
@@ -206,7 +224,20 @@ impl Node {
     /// Feeds an observation to routing: the observed role; for a node in
     /// recovery also its replay position and `lag` (from
     /// [`Observation::lag`]); for one that is not, no lag.
+    /// A server of another identity than the one seen before (restarted,
+    /// rebuilt, or another server behind the address) forgets the replay
+    /// position recorded for the old one first.
     pub fn record_observation(&self, seen: &Observation, lag: ReplicaLag) {
+        if let Some(identity) = seen.identity
+            && self.replace_identity(identity)
+        {
+            tracing::info!(
+                node = self.name(),
+                "the server behind the node changed (restarted, rebuilt or replaced): its \
+                 replay position starts over"
+            );
+            self.set_replay_position(None);
+        }
         self.set_observed_role(Some(seen.role()));
         if seen.in_recovery {
             self.set_replay_position(seen.replay_position);
@@ -228,7 +259,7 @@ mod tests {
     }
 
     fn seen(in_recovery: &str, read_only: &str) -> Observation {
-        Observation::from_columns([Some(in_recovery), Some(read_only), None, None, None])
+        Observation::from_columns([Some(in_recovery), Some(read_only), None, None, None, None])
     }
 
     #[test]
@@ -244,8 +275,14 @@ mod tests {
 
     #[test]
     fn the_columns_are_read_as_postgres_prints_them() {
-        let primary =
-            Observation::from_columns([Some("f"), Some("off"), Some("0/3000148"), None, None]);
+        let primary = Observation::from_columns([
+            Some("f"),
+            Some("off"),
+            Some("0/3000148"),
+            None,
+            None,
+            None,
+        ]);
         assert_eq!(
             primary.wal_position,
             Some(WalPosition::from_u64(0x300_0148))
@@ -257,8 +294,11 @@ mod tests {
             None,
             Some("0/3000100"),
             Some("2.5"),
+            Some("7301234567890123456@2026-12-07 10:00:00.1+00"),
         ]);
         assert_eq!(replica.wal_position, None);
+        assert!(replica.identity.is_some());
+        assert_eq!(primary.identity, None);
         assert_eq!(replica.replay_position, at(0x300_0100));
         assert_eq!(replica.replay_age, Some(Duration::from_millis(2500)));
         assert_eq!(parse_age("-0.25"), Some(Duration::ZERO));
@@ -266,6 +306,35 @@ mod tests {
         assert_eq!(parse_age("Infinity"), None);
         assert_eq!(parse_age("1e300"), None);
         assert_eq!(parse_age("soon"), None);
+    }
+
+    #[tokio::test]
+    async fn another_server_behind_a_node_starts_its_replay_position_over() {
+        let settings = pgstack_config::NodeSettings::from_url("postgres://app@127.0.0.1:1/app")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pool = pgstack_pool::Pool::builder(settings)
+            .build_lazy()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lanes = crate::lanes::Lanes::new(0, Duration::from_millis(5));
+        let node = Node::new(1, "replica-1".into(), Role::Replica, pool, lanes);
+        let seen = |identity: &str, replayed: u64| {
+            Observation::from_columns([
+                Some("t"),
+                Some("on"),
+                None,
+                Some(&format!("0/{replayed:X}")),
+                Some("0"),
+                Some(identity),
+            ])
+        };
+        node.record_observation(&seen("1@a", 0x500), ReplicaLag::default());
+        assert_eq!(node.replay_position(), at(0x500));
+        // The same server: positions only move forward.
+        node.record_observation(&seen("1@a", 0x400), ReplicaLag::default());
+        assert_eq!(node.replay_position(), at(0x500));
+        // Rebuilt (another start): its position is taken as it is.
+        node.record_observation(&seen("1@b", 0x100), ReplicaLag::default());
+        assert_eq!(node.replay_position(), at(0x100));
     }
 
     #[test]
@@ -310,6 +379,7 @@ mod tests {
             wal_position: None,
             replay_position: at(40),
             replay_age: Some(Duration::from_secs(1)),
+            identity: None,
         };
         assert!(replica.is_behind(at(100)));
         assert!(!replica.is_behind(at(40)));
@@ -321,6 +391,7 @@ mod tests {
             wal_position: at(500),
             replay_position: None,
             replay_age: None,
+            identity: None,
         };
         assert!(!read_only_primary.is_behind(at(100)));
         assert_eq!(read_only_primary.lag(at(100)), ReplicaLag::default());

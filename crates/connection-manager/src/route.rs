@@ -49,18 +49,60 @@ impl fmt::Display for WalPosition {
 
 /// A text that is not `XXXXXXXX/XXXXXXXX` (hexadecimal halves).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("not a WAL position: {0:?}; expected two hexadecimal halves such as 16/B374D848")]
+#[error(
+    "not a WAL position: {0:?}; expected two hexadecimal halves such as 16/B374D848, or the \
+     token form pgstack-lsn:16/B374D848"
+)]
 pub struct InvalidWalPosition(String);
 
+impl WalPosition {
+    /// The prefix of [`WalPosition::to_token`]'s text.
+    pub const TOKEN_PREFIX: &'static str = "pgstack-lsn:";
+
+    /// The position as a stable text meant to travel between services (an
+    /// HTTP header, a message field): `pgstack-lsn:16/B374D848`. The service
+    /// that receives it parses it back ([`WalPosition::from_token`], or
+    /// `str::parse`, which takes both forms) and reads with
+    /// [`Route::ReadAfter`], so a write made through one service is seen by
+    /// a read through another.
+    ///
+    /// ```
+    /// use pgstack_connection::WalPosition;
+    /// let lsn = WalPosition::from_u64(0x16_B374_D848);
+    /// assert_eq!(lsn.to_token(), "pgstack-lsn:16/B374D848");
+    /// assert_eq!(WalPosition::from_token("pgstack-lsn:16/B374D848")?, lsn);
+    /// # Ok::<(), pgstack_connection::InvalidWalPosition>(())
+    /// ```
+    pub fn to_token(&self) -> String {
+        format!("{}{self}", Self::TOKEN_PREFIX)
+    }
+
+    /// Reads [`WalPosition::to_token`]'s text (the prefix is required).
+    ///
+    /// # Errors
+    /// [`InvalidWalPosition`] for any other text.
+    pub fn from_token(token: &str) -> Result<WalPosition, InvalidWalPosition> {
+        let bad = || InvalidWalPosition(token.to_owned());
+        let position = token
+            .trim()
+            .strip_prefix(Self::TOKEN_PREFIX)
+            .ok_or_else(bad)?;
+        pgstack_pool::parse_lsn(position)
+            .map(WalPosition)
+            .ok_or_else(bad)
+    }
+}
+
+/// Reads `16/B374D848`, or the token form `pgstack-lsn:16/B374D848`.
 impl FromStr for WalPosition {
     type Err = InvalidWalPosition;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || InvalidWalPosition(s.to_owned());
-        let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
-        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
-        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
-        Ok(WalPosition((u64::from(hi) << 32) | u64::from(lo)))
+        let text = s.trim();
+        let text = text.strip_prefix(Self::TOKEN_PREFIX).unwrap_or(text);
+        pgstack_pool::parse_lsn(text)
+            .map(WalPosition)
+            .ok_or_else(|| InvalidWalPosition(s.to_owned()))
     }
 }
 
@@ -277,5 +319,11 @@ mod tests {
         assert_eq!(b.to_string(), "1/0");
         assert!("16B3740".parse::<WalPosition>().is_err());
         assert!("x/1".parse::<WalPosition>().is_err());
+        assert!("1/2/3".parse::<WalPosition>().is_err());
+        assert_eq!(b.to_token(), "pgstack-lsn:1/0");
+        assert_eq!(" pgstack-lsn:1/0 ".parse::<WalPosition>().ok(), Some(b));
+        assert_eq!(WalPosition::from_token(&a.to_token()).ok(), Some(a));
+        assert!(WalPosition::from_token("1/0").is_err());
+        assert!(WalPosition::from_token("pgstack-lsn:").is_err());
     }
 }

@@ -111,6 +111,7 @@ impl ClusterBuilder {
                         .statement_timeout
                         .map(|t| t + round_trip_margin(config.pool.connect_timeout)),
                     check_timeout: config.pool.connect_timeout,
+                    read_after_wait: config.query.read_after_wait,
                 },
                 retry,
                 counters: Counters::new(),

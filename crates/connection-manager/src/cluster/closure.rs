@@ -24,7 +24,7 @@ impl Cluster {
         let rules = CallRules::new(Shape::Checkout, &op, None);
         let result = self
             .with_retries(&op, rules, started, |_| async {
-                let node = self.route(route).clone();
+                let node = self.route_waiting(route).await;
                 match self.checkout(&node, &op).await {
                     Ok(conn) => Ok((conn, node)),
                     Err(e) => Err(Failed(e, Some(node))),
@@ -112,7 +112,7 @@ impl Cluster {
         let work = tokio::sync::Mutex::new(work);
         let result = self
             .with_retries(&op, rules, started, |_| async {
-                let node = self.route(route).clone();
+                let node = self.route_waiting(route).await;
                 let conn = match self.checkout(&node, &op).await {
                     Ok(conn) => conn,
                     Err(e) => return Err(Failed(e, Some(node))),

@@ -133,6 +133,11 @@ impl Cluster {
                 .primary_changes
                 .fetch_add(1, Ordering::Relaxed);
             metrics::counter!(FAILOVERS_METRIC, "node" => node_label(new)).increment(1);
+            // Replay positions seen before the change say nothing about the
+            // new primary's history.
+            for node in self.nodes() {
+                node.forget_replication();
+            }
             // The old primary's connections may sit in a read-only session.
             old.retire_lanes();
             old.pool().recycle_all();

@@ -62,6 +62,8 @@ pub(super) struct Settings {
     /// connect timeout (none without a statement timeout).
     round_trip: Option<Duration>,
     check_timeout: Duration,
+    /// How long a `ReadAfter` read waits for a replica to catch up.
+    read_after_wait: Duration,
 }
 
 pub(crate) struct ClusterInner {
@@ -229,6 +231,37 @@ impl Cluster {
         primary
     }
 
+    /// The node for a call with `route`, as [`Cluster::route`]; but a
+    /// `ReadAfter(position)` read that only the primary can take now waits,
+    /// up to `query.read_after_wait`, for a replica to replay `position`
+    /// (asking each replica that is otherwise readable every few
+    /// milliseconds), so reads after a write reach the replicas too.
+    pub(super) async fn route_waiting(&self, route: Route) -> Node {
+        let node = self.route(route).clone();
+        let Route::ReadAfter(position) = route else {
+            return node;
+        };
+        let wait = self.inner.settings.read_after_wait;
+        let primary = self.primary().inner.index;
+        if wait.is_zero() || node.inner.index != primary {
+            return node;
+        }
+        let max_lag = self.inner.settings.max_lag;
+        let mut candidates: Vec<Node> = Vec::new();
+        for n in self.nodes() {
+            if n.inner.index != primary && n.readable(max_lag, None) {
+                candidates.push(n.clone());
+            }
+        }
+        if candidates.is_empty() || !self.inner.settings.read_replicas {
+            return node;
+        }
+        match tokio::time::timeout(wait, replayed_by_one_of(candidates, position)).await {
+            Ok(replica) => replica,
+            Err(_) => node,
+        }
+    }
+
     pub(super) fn begin(&self, op: &Op) -> Result<Work<'_>, Error> {
         let inner = &*self.inner;
         inner.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -353,6 +386,35 @@ pub(super) fn record_attempt(node: &Node, attempt: u32) {
 
 pub(super) fn node_label(node: &Node) -> SharedString {
     SharedString::from(Arc::clone(node.name_arc()))
+}
+
+/// How often a `ReadAfter` read waiting for a replica asks again.
+const READ_AFTER_POLL: Duration = Duration::from_millis(5);
+
+/// The first of `candidates` seen to have replayed `position`, asking each
+/// every [`READ_AFTER_POLL`] (forever: the caller bounds it).
+async fn replayed_by_one_of(candidates: Vec<Node>, position: WalPosition) -> Node {
+    loop {
+        for candidate in candidates.iter() {
+            if let Some(replayed) = replay_position_of(candidate).await {
+                candidate.set_replay_position(Some(replayed));
+                if replayed >= position {
+                    return candidate.clone();
+                }
+            }
+        }
+        tokio::time::sleep(READ_AFTER_POLL).await;
+    }
+}
+
+/// `pg_last_wal_replay_lsn()` of `node` (`None`: no answer).
+async fn replay_position_of(node: &Node) -> Option<WalPosition> {
+    let conn = node.pool().get("pgstack-read-after").await.ok()?;
+    let messages = conn
+        .simple_query("SELECT pg_last_wal_replay_lsn()::text")
+        .await
+        .ok()?;
+    first_text(&messages)?.parse().ok()
 }
 
 pub(super) fn first_text(messages: &[SimpleQueryMessage]) -> Option<&str> {

@@ -270,7 +270,11 @@ impl Cluster {
             params,
             ..
         } = statement;
-        let node = self.route(route).clone();
+        let node = if attempt == 1 {
+            self.route_waiting(route).await
+        } else {
+            self.route(route).clone()
+        };
         record_attempt(&node, attempt);
         // The first attempt starts with the call: one clock read fewer.
         let started = if attempt == 1 {
