@@ -5,12 +5,21 @@
 //!   starting, shutting down);
 //! - `GET /metrics`: every `pgstack_*` series in the Prometheus text format
 //!   (metrics-exporter-prometheus);
-//! - `GET /now`: the database's clock, read from a replica when there is one.
+//! - `GET /now`: the database's clock, read from a replica when there is one;
+//! - `POST /notes` (body: the note) and `GET /notes/count`: read-your-writes
+//!   across requests and services. The write answers with a
+//!   `pgstack-read-after` header (`pgstack-lsn:16/B374D848`, the WAL position
+//!   of its commit); a read that sends it back is served by a replica that has
+//!   replayed the write (waiting up to `query.read_after_wait` for one), else
+//!   by the primary, so it never misses the note. Another service receiving
+//!   the header does the same.
 //!
 //! ```sh
 //! export DATABASE_URL=postgres://app:secret@localhost/app   # or: cargo xtask db-up
 //! cargo run -p pgstack --example http_service -- 127.0.0.1:3000
 //! curl -i localhost:3000/healthz
+//! lsn=$(curl -si -d 'hello' localhost:3000/notes | grep -i pgstack-read-after | cut -d' ' -f2)
+//! curl -H "pgstack-read-after: $lsn" localhost:3000/notes/count
 //! ```
 //!
 //! SIGTERM or Ctrl-C stops taking requests, then shuts the database layer
@@ -20,9 +29,9 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pgstack::prelude::*;
@@ -34,13 +43,95 @@ pub struct AppState {
     prometheus: PrometheusHandle,
 }
 
+/// The header that carries a write's WAL position to later reads.
+pub const READ_AFTER_HEADER: &str = "pgstack-read-after";
+
 /// The service's routes.
 pub fn router(db: Database, prometheus: PrometheusHandle) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/now", get(now))
+        .route("/notes", post(add_note))
+        .route("/notes/count", get(count_notes))
         .with_state(AppState { db, prometheus })
+}
+
+/// The example's table (a real service would have it in a migration).
+pub async fn create_schema(db: &Database) -> Result<(), Error> {
+    db.execute(
+        "create-notes",
+        Route::Write,
+        "CREATE TABLE IF NOT EXISTS example_notes (id bigserial PRIMARY KEY, body text NOT NULL)",
+        &[],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// An error as a response: 503 while shutting down, 500 otherwise.
+fn failed(what: &str, error: &Error) -> Response {
+    if matches!(error, Error::ShuttingDown { .. }) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    tracing::warn!(%error, "{what} failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+}
+
+/// `POST /notes`: stores the note; the `pgstack-read-after` header of the
+/// answer lets any later read see it.
+async fn add_note(State(state): State<AppState>, body: String) -> Response {
+    let written = state
+        .db
+        .execute_tracked(
+            "add-note",
+            "INSERT INTO example_notes (body) VALUES ($1)",
+            &[&body],
+        )
+        .await;
+    match written {
+        Ok((_, position)) => (
+            StatusCode::CREATED,
+            [(READ_AFTER_HEADER, position.to_token())],
+        )
+            .into_response(),
+        Err(error) => failed("POST /notes", &error),
+    }
+}
+
+/// `GET /notes/count`: `{"count": n, "from_replica": bool}`. With a
+/// `pgstack-read-after` header, the count includes that write.
+async fn count_notes(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let route = match headers.get(READ_AFTER_HEADER).map(|v| v.to_str()) {
+        None => Route::Read,
+        Some(Ok(token)) => match WalPosition::from_token(token) {
+            Ok(position) => Route::ReadAfter(position),
+            Err(error) => return (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
+        },
+        Some(Err(_)) => {
+            return (StatusCode::BAD_REQUEST, "the header is not text").into_response();
+        }
+    };
+    let counted = state
+        .db
+        .query_one(
+            "count-notes",
+            route,
+            "SELECT count(*), pg_is_in_recovery() FROM example_notes",
+            &[],
+        )
+        .await;
+    match counted {
+        Ok(row) => match (row.try_get::<_, i64>(0), row.try_get::<_, bool>(1)) {
+            (Ok(count), Ok(from_replica)) => Json(serde_json::json!({
+                "count": count,
+                "from_replica": from_replica,
+            }))
+            .into_response(),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "unexpected columns").into_response(),
+        },
+        Err(error) => failed("GET /notes/count", &error),
+    }
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -67,12 +158,11 @@ async fn now(State(state): State<AppState>) -> Response {
         .query_one("http-now", Route::Read, "SELECT now()::text", &[])
         .await
     {
-        Ok(row) => row.get::<_, String>(0).into_response(),
-        Err(Error::ShuttingDown { .. }) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "GET /now failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
-        }
+        Ok(row) => match row.try_get::<_, String>(0) {
+            Ok(now) => now.into_response(),
+            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+        },
+        Err(error) => failed("GET /now", &error),
     }
 }
 
@@ -93,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         .wait_for_database(Duration::from_secs(30))
         .connect()
         .await?;
+    create_schema(&db).await?;
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -111,8 +111,8 @@ pub use crate::database::{Database, DatabaseBuilder, connect};
 pub use pgstack_connection::tokio_postgres::Row;
 pub use pgstack_connection::tokio_postgres::types::{FromSql, ToSql};
 pub use pgstack_connection::{
-    Cluster, ClusterMetrics, Connection, DbError, Error, IsolationLevel, NodeMetrics, Op, Role,
-    Route, Transaction, TransactionOptions, WalPosition,
+    Cluster, ClusterMetrics, CommitResolutions, Connection, DbError, Error, IsolationLevel,
+    NodeMetrics, Op, Role, Route, Transaction, TransactionOptions, WalPosition,
 };
 
 // Health monitoring.
@@ -147,7 +147,7 @@ pub use pgstack_resilience as resilience;
 pub mod prelude {
     pub use crate::{
         Database, Error, Health, NodeHealth, Op, Route, Row, ShutdownReport, StartError, Status,
-        ToSql, Transaction, TransactionOptions,
+        ToSql, Transaction, TransactionOptions, WalPosition,
     };
 }
 

@@ -2,7 +2,9 @@
 //! The HTTP example's endpoints, served from the example's own router and
 //! hit with plain HTTP/1.1 requests over TCP: `/healthz` says 200 while the
 //! database layer is healthy or degraded and 503 once it is shut down;
-//! `/metrics` carries the `pgstack_*` series.
+//! `/metrics` carries the `pgstack_*` series; a note posted in one request
+//! is counted by a read that carries the write's `pgstack-read-after`
+//! header, while the replica has not replayed it.
 
 #[path = "../examples/http_service.rs"]
 #[allow(dead_code, unreachable_pub)]
@@ -18,8 +20,29 @@ use tokio::net::TcpStream;
 
 /// `GET path` on `addr`; the status code and the body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let (code, _, body) = request(addr, "GET", path, &[], "").await;
+    (code, body)
+}
+
+/// `method path` with `headers` and `body` on `addr`; the status code, the
+/// response's head and its body.
+async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(
@@ -35,7 +58,30 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap();
-    (code, body.to_owned())
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// The value of header `name` in a response head.
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// `GET /notes/count`, with `token` as the read-after header; the count
+/// and whether a replica answered.
+async fn count_notes(addr: std::net::SocketAddr, token: Option<&str>) -> (i64, bool) {
+    let headers: Vec<(&str, &str)> = token
+        .map(|t| vec![(http_service::READ_AFTER_HEADER, t)])
+        .unwrap_or_default();
+    let (code, _, body) = request(addr, "GET", "/notes/count", &headers, "").await;
+    assert_eq!(code, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        answer["count"].as_i64().unwrap(),
+        answer["from_replica"].as_bool().unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -78,6 +124,40 @@ async fn healthz_and_metrics() {
     assert!(text.contains("pgstack_queries_total"), "{text}");
     assert!(text.contains("op=\"http-now\""), "{text}");
     assert!(text.contains("pgstack_up 1"), "{text}");
+
+    // Read your writes across requests: with the replica's replay paused,
+    // a read without the header may miss the note; with it, never.
+    http_service::create_schema(&db).await.unwrap();
+    replica.wait_for_replay().await.unwrap();
+    replica.pause_replay().await.unwrap();
+    let (code, head, body) = request(addr, "POST", "/notes", &[], "hello").await;
+    assert_eq!(code, 201, "{body}");
+    let token = header(&head, http_service::READ_AFTER_HEADER)
+        .unwrap_or_else(|| panic!("no read-after header: {head}"))
+        .to_owned();
+    assert!(token.starts_with("pgstack-lsn:"), "{token}");
+    let (count, from_replica) = count_notes(addr, Some(&token)).await;
+    assert_eq!((count, from_replica), (1, false), "the primary answers");
+    let (count, from_replica) = count_notes(addr, None).await;
+    assert_eq!(
+        (count, from_replica),
+        (0, true),
+        "the paused replica misses it"
+    );
+    // Replayed: the replica answers the read that carries the header.
+    replica.resume_replay().await.unwrap();
+    replica.wait_for_replay().await.unwrap();
+    let (count, from_replica) = count_notes(addr, Some(&token)).await;
+    assert_eq!((count, from_replica), (1, true), "the replica answers");
+    let (code, _, body) = request(
+        addr,
+        "GET",
+        "/notes/count",
+        &[(http_service::READ_AFTER_HEADER, "pgstack-lsn:nonsense")],
+        "",
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
 
     // Degraded, still serving: 200 (from the monitor's next round).
     replica.stop().await.unwrap();
