@@ -398,3 +398,109 @@ async fn idempotent_writes_are_retried_through_resets() {
     assert_eq!(metrics.unknown_outcomes, 0);
     assert!(metrics.retries > 0, "the resets hit some writes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolvable_autocommit_writes_through_resets_are_looked_up_not_unknown() {
+    let server = TestCluster::start().await.unwrap();
+    let db = TestDb::on(&server).await.unwrap();
+    // No unique constraint: a write applied twice would show as two rows.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE ledger (id bigint NOT NULL)")
+        .await
+        .unwrap();
+    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
+    let mut config = common::config(&proxy.url(db.name()));
+    config.pool.max_size = 10;
+    config.retry.max_attempts = 10;
+    let cluster = Cluster::connect(&config).await.unwrap();
+
+    // Resets paced by finished writes as well as time (10-60 ms apart).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ended = Arc::new(AtomicU64::new(0));
+    let chaos = {
+        let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
+        tokio::spawn(async move {
+            let resets = proxy.keep_resetting(&stop, &ended, 15).await;
+            (proxy, resets)
+        })
+    };
+    let mut tasks = Vec::new();
+    for task in 0..8_i64 {
+        let cluster = cluster.clone();
+        let ended = Arc::clone(&ended);
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            for i in 0..60_i64 {
+                let id = task * 1000 + i;
+                let outcome = cluster
+                    .execute(
+                        pgstack_connection::Op::from("post-entry").resolvable(),
+                        Route::Write,
+                        "INSERT INTO ledger (id) VALUES ($1)",
+                        &[&id],
+                    )
+                    .await;
+                ended.fetch_add(1, Ordering::Release);
+                match outcome {
+                    Ok(1) => tally.ok.push(id),
+                    Ok(n) => panic!("insert {id} affected {n} rows"),
+                    Err(e) if e.provably_not_sent() => tally.failed.push((id, e.to_string())),
+                    Err(e) => {
+                        assert!(e.is_commit_outcome_unknown(), "{e}");
+                        tally.unknown.push(id);
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    let mut all = Tally::default();
+    for task in tasks {
+        let tally = task.await.unwrap();
+        all.ok.extend(tally.ok);
+        all.unknown.extend(tally.unknown);
+        all.failed.extend(tally.failed);
+    }
+    stop.store(true, Ordering::Release);
+    let (_proxy, resets) = chaos.await.unwrap();
+
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id, count(*) FROM ledger GROUP BY id", &[])
+        .await
+        .unwrap();
+    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(counts.values().all(|n| *n == 1), "a write applied twice");
+    for id in &all.ok {
+        assert_eq!(counts.get(id), Some(&1), "acknowledged insert {id} missing");
+    }
+    for (id, error) in &all.failed {
+        assert_eq!(
+            counts.get(id),
+            None,
+            "insert {id} failed ({error}) yet applied"
+        );
+    }
+    let metrics = cluster.metrics();
+    let resolved = metrics.commit_resolutions;
+    eprintln!(
+        "resolvable writes: {resets} resets, {} ok, {} failed, {} unknown; interrupted commits {resolved:?}",
+        all.ok.len(),
+        all.failed.len(),
+        all.unknown.len()
+    );
+    assert!(resets > 5, "{resets} resets");
+    // Each interrupted commit was looked up; at most 1 % stay unknown.
+    assert!(resolved.total() > 0, "no commit was interrupted");
+    assert!(
+        all.unknown.len() as u64 * 100 <= resolved.total(),
+        "{} unknown of {} interrupted commits",
+        all.unknown.len(),
+        resolved.total()
+    );
+    assert_eq!(resolved.unknown, all.unknown.len() as u64);
+}

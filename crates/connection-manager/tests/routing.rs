@@ -394,3 +394,80 @@ async fn a_read_only_error_from_the_primary_moves_writes_to_the_new_primary() {
         .get(0);
     assert_eq!(writable, "off");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_write_waits_briefly_for_the_replica_then_falls_back_to_the_primary() {
+    let pair = Pair::start().await;
+    // No replication probe: the cluster's recorded replay position stays
+    // behind every new write, so each read after one has to ask.
+    let mut config = pair.config();
+    config.query.read_after_wait = Duration::from_secs(5);
+    let cluster = Cluster::connect(&config).await.unwrap();
+    cluster
+        .execute(
+            "create",
+            Route::Write,
+            "CREATE TABLE notes (id bigint PRIMARY KEY)",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Replay running: every read after its write is served by the replica,
+    // which has the row.
+    for id in 0..20_i64 {
+        let (_, position) = cluster
+            .execute_tracked("add-note", "INSERT INTO notes VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        let row = cluster
+            .query_opt(
+                "show-note",
+                Route::ReadAfter(position),
+                "SELECT pg_is_in_recovery() FROM notes WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("note {id} not visible after its write"));
+        assert!(
+            row.get::<_, bool>(0),
+            "note {id}: the replica, once it replayed it"
+        );
+    }
+    // Replay paused: the read waits the bound, then the primary answers.
+    let mut config = pair.config();
+    config.query.read_after_wait = Duration::from_millis(300);
+    let patient = Cluster::connect(&config).await.unwrap();
+    pair.replica.pause_replay().await.unwrap();
+    let (_, position) = patient
+        .execute_tracked("add-note", "INSERT INTO notes VALUES (100)", &[])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let row = patient
+        .query_one(
+            "show-note",
+            Route::ReadAfter(position),
+            "SELECT pg_is_in_recovery() FROM notes WHERE id = 100",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "the primary answers");
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited");
+    // No wait configured: straight to the primary.
+    let mut config = pair.config();
+    config.query.read_after_wait = Duration::ZERO;
+    let hasty = Cluster::connect(&config).await.unwrap();
+    let row = hasty
+        .query_one(
+            "show-note",
+            Route::ReadAfter(position),
+            "SELECT pg_is_in_recovery() FROM notes WHERE id = 100",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    pair.replica.resume_replay().await.unwrap();
+}
