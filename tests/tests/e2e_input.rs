@@ -191,7 +191,7 @@ async fn bad_configuration_fails_with_a_clear_error_and_changes_nothing() {
                 ("DB_SSLMODE", "require".to_owned()),
             ],
             file: None,
-            expect: &["not reachable", "TLS"],
+            expect: &["does not offer TLS, and tls.mode asks for it", "DB_SSLMODE"],
         },
     ];
 
@@ -427,4 +427,182 @@ fn serde_json_like(status: &pgstack::Status) -> String {
         .map(|n| format!("{} {:?} {:?}", n.name, n.pool, n.problem))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A server on `addr`'s port that is not PostgreSQL: it answers every
+/// connection with an HTTP error (`talk`) or says nothing (`!talk`).
+async fn not_postgres(talk: bool) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            if talk {
+                let _ = socket
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            } else {
+                held.push(socket);
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// An unreachable-database case: its name, the URL, more environment
+/// variables, the cause the message starts with, and a word of the fix.
+type Unreachable = (
+    &'static str,
+    String,
+    Vec<(&'static str, String)>,
+    String,
+    &'static str,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_explained_cause_first_by_connect_and_migrate() {
+    common::capture_logs();
+    let server = TestCluster::start().await.unwrap();
+    let port = server.port();
+    // A role that must give a password (the kit's servers trust everyone
+    // else): its line goes first in pg_hba.conf.
+    let admin = server.client("postgres").await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE pw_user LOGIN PASSWORD 'right-password'")
+        .await
+        .unwrap();
+    let hba = server.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all pw_user 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let (talking, _talking) = not_postgres(true).await;
+    let (silent, _silent) = not_postgres(false).await;
+    let closed = closed_port().await;
+
+    let cases: Vec<Unreachable> = vec![
+        (
+            "missing database",
+            format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/no_such_db"),
+            vec![],
+            format!("database \"no_such_db\" does not exist on 127.0.0.1:{port}"),
+            "createdb",
+        ),
+        (
+            "wrong password",
+            format!("postgres://pw_user:{PASSWORD}@127.0.0.1:{port}/postgres"),
+            vec![],
+            format!("127.0.0.1:{port} refused the password of user \"pw_user\""),
+            "DB_PASSWORD",
+        ),
+        (
+            "unknown host",
+            format!("postgres://postgres:{PASSWORD}@no-such-host.invalid:{port}/postgres"),
+            vec![],
+            "the host name \"no-such-host.invalid\" does not resolve".to_owned(),
+            "DB_HOST",
+        ),
+        (
+            "closed port",
+            format!("postgres://postgres:{PASSWORD}@127.0.0.1:{closed}/postgres"),
+            vec![],
+            format!("nothing listens on 127.0.0.1:{closed} (connection refused)"),
+            "DB_PORT",
+        ),
+        (
+            "TLS required, not offered",
+            format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/postgres"),
+            vec![("DB_SSLMODE", "require".to_owned())],
+            format!("127.0.0.1:{port} does not offer TLS, and tls.mode asks for it"),
+            "DB_SSLMODE",
+        ),
+        (
+            "not PostgreSQL, answering",
+            format!("postgres://postgres:{PASSWORD}@{talking}/postgres"),
+            vec![],
+            format!("what listens on {talking} does not speak the PostgreSQL protocol"),
+            "port",
+        ),
+        (
+            "not PostgreSQL, silent",
+            format!("postgres://postgres:{PASSWORD}@{silent}/postgres"),
+            vec![],
+            format!("{silent} did not answer within 1s"),
+            "not PostgreSQL",
+        ),
+    ];
+    for (name, url, extra, cause, fix) in cases {
+        let mut env = vec![
+            ("APP_ENV", "test".to_owned()),
+            ("DATABASE_URL", url),
+            ("PGSTACK_MIGRATIONS__AUTO_MIGRATE", "false".to_owned()),
+            ("PGSTACK_POOL__CONNECT_TIMEOUT", "1s".to_owned()),
+        ];
+        env.extend(extra);
+        let started = Instant::now();
+        let error = match Database::builder().env_source(env.clone()).connect().await {
+            Ok(db) => {
+                db.shutdown(Duration::ZERO).await;
+                panic!("{name}: connected");
+            }
+            Err(error) => error,
+        };
+        let text = common::checked(&error);
+        assert!(
+            matches!(
+                error,
+                StartError::Unreachable {
+                    explanation: Some(_),
+                    ..
+                }
+            ),
+            "{name}: {text}"
+        );
+        assert!(text.starts_with(&cause), "{name}: the cause first: {text}");
+        let (said, rest) = text.split_once("; ").unwrap_or((&text, ""));
+        assert!(rest.contains(fix), "{name}: the fix says {fix:?}: {text}");
+        assert_eq!(text.matches(said).count(), 1, "{name}: said once: {text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: {text}"
+        );
+        eprintln!("{name}: connect: {text}");
+
+        // The migrator says the same.
+        let config = pgstack::ConfigLoader::new()
+            .without_file()
+            .env_source(env)
+            .load()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(dir.path(), &[("0001_a.up.sql", "SELECT 1;")]);
+        let migrator = Migrator::new(
+            pgstack::migrations::Migrations::from_dir(dir.path()).unwrap(),
+            &config.primary,
+        )
+        .tls(&config.tls)
+        .connect_timeout(config.pool.connect_timeout);
+        let error = migrator.status().await.unwrap_err();
+        let text = common::checked(&error);
+        assert!(
+            text.starts_with(&cause),
+            "{name}: migrate: the cause first: {text}"
+        );
+        assert!(text.contains(fix), "{name}: migrate: {text}");
+        eprintln!("{name}: {text}");
+    }
+    common::assert_no_password_in_logs();
 }

@@ -55,6 +55,7 @@
 //! `default-features = false` to use them (and [`DatabaseConfig::validate`])
 //! without figment.
 
+mod diagnose;
 mod environment;
 #[cfg(feature = "load")]
 mod load;
@@ -63,6 +64,9 @@ mod secret;
 mod settings;
 mod validate;
 
+pub use crate::diagnose::{
+    ConnectExplanation, ConnectFailure, ConnectProblem, explain_connect_failure,
+};
 pub use crate::environment::{Environment, UnknownEnvironment};
 #[cfg(feature = "load")]
 pub use crate::load::{

@@ -305,7 +305,7 @@ pub enum Error {
     },
     /// No configured node accepts writes (every node is down, read-only or in
     /// recovery).
-    #[error("no writable primary among the configured nodes for `{operation}`: {details}")]
+    #[error("{details} (no configured node accepts writes, for `{operation}`)")]
     NoPrimary {
         /// The operation.
         operation: String,

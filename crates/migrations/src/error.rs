@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pgstack_config::ConnectExplanation;
+
 use crate::lock::LockHolder;
 use crate::lockwait::LockConflict;
 use crate::status::Validation;
@@ -137,14 +139,18 @@ pub enum Error {
         reason: String,
     },
 
-    /// The database could not be reached.
-    #[error("cannot connect to {target} to run migrations: {source}")]
+    /// The database could not be reached. The message is the cause first,
+    /// then the fix ([`pgstack_config::explain_connect_failure`]).
+    #[error("{explanation}")]
     Connect {
         /// The node, with its password redacted.
         target: String,
-        /// The driver's error.
-        #[source]
-        source: sqlx::Error,
+        /// The cause and the fix.
+        explanation: Box<ConnectExplanation>,
+        /// The driver's error (`None`: no answer within the connect
+        /// timeout). Not a `source`: its text is in the explanation, and a
+        /// chain would say it again.
+        driver: Option<Box<sqlx::Error>>,
     },
 
     /// A bookkeeping statement (not a migration's own SQL) failed.
@@ -421,6 +427,42 @@ pub(crate) fn describe_failure(sql: &str, error: &sqlx::Error) -> Failure {
         message,
         code,
     }
+}
+
+/// Explains a failed sqlx connect to `node`: the server's SQLSTATE and
+/// message, or the innermost text of the transport's error.
+pub(crate) fn explain_connect(
+    node: &pgstack_config::NodeSettings,
+    error: &sqlx::Error,
+) -> ConnectExplanation {
+    use pgstack_config::{ConnectFailure, explain_connect_failure};
+    if let Some(db) = error.as_database_error()
+        && let Some(code) = db.code()
+    {
+        return explain_connect_failure(
+            node,
+            ConnectFailure::Server {
+                code: &code,
+                message: db.message(),
+            },
+        );
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    // The innermost part is what is quoted; the whole text is searched.
+    let innermost = text.rsplit(": ").next().unwrap_or(&text).to_owned();
+    let quoted = if text.to_ascii_lowercase().contains("tls")
+        && !innermost.to_ascii_lowercase().contains("tls")
+    {
+        text
+    } else {
+        innermost
+    };
+    explain_connect_failure(node, ConnectFailure::Transport { message: &quoted })
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pgstack_config::{
-    DatabaseConfig, Environment, MigrationSettings, NodeSettings, TlsMode, TlsSettings,
+    DatabaseConfig, Environment, MigrationSettings, NodeSettings, PoolSettings, TlsMode,
+    TlsSettings,
 };
 use pgstack_resilience::Backoff;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
@@ -83,6 +84,10 @@ pub enum Operation {
 pub struct Migrator {
     migrations: Migrations,
     connect: PgConnectOptions,
+    /// The node, to explain a failed connection (its password is never
+    /// shown).
+    node: NodeSettings,
+    connect_timeout: Duration,
     target: Arc<str>,
     lock_timeout: Duration,
     lock_wait: Duration,
@@ -129,6 +134,8 @@ impl Migrator {
         Migrator {
             migrations,
             connect: connect_options(node, "pgstack-migrations", PgSslMode::Prefer),
+            node: node.clone(),
+            connect_timeout: PoolSettings::default().connect_timeout,
             target: Arc::from(node.redacted_url()),
             lock_timeout: defaults.lock_timeout,
             lock_wait: defaults.lock_wait,
@@ -157,7 +164,17 @@ impl Migrator {
             .with_settings(&config.migrations)
             .with_environment(config.environment);
         migrator.connect = connect_options(&config.primary, &app, PgSslMode::Prefer);
+        migrator.connect_timeout = config.pool.connect_timeout;
         Ok(migrator.tls(&config.tls))
+    }
+
+    /// How long TCP, TLS and login may take together (default: the pool's
+    /// `connect_timeout`, 5 s): past it the migrator fails with
+    /// [`Error::Connect`] explaining that the server did not answer (a
+    /// firewall, or a port where something else than PostgreSQL listens).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// Connect with TLS as `tls` says (default: `prefer`, without
@@ -260,12 +277,25 @@ impl Migrator {
     }
 
     async fn connect(&self) -> Result<PgConnection> {
-        PgConnection::connect_with(&self.connect)
-            .await
-            .map_err(|source| Error::Connect {
+        let connect = PgConnection::connect_with(&self.connect);
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(driver)) => Err(Error::Connect {
                 target: self.target.to_string(),
-                source,
-            })
+                explanation: Box::new(crate::error::explain_connect(&self.node, &driver)),
+                driver: Some(Box::new(driver)),
+            }),
+            Err(_) => Err(Error::Connect {
+                target: self.target.to_string(),
+                explanation: Box::new(pgstack_config::explain_connect_failure(
+                    &self.node,
+                    pgstack_config::ConnectFailure::TimedOut {
+                        after: self.connect_timeout,
+                    },
+                )),
+                driver: None,
+            }),
+        }
     }
 
     async fn locked(&self) -> Result<Session> {

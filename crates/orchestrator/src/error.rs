@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use pgstack_config::ConfigError;
+use pgstack_config::{ConfigError, ConnectExplanation};
 
 /// An error of any kind, as the cause of a failed connection.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -18,30 +18,33 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The database could not be reached and no wait was set: the start
-    /// failed at once.
-    #[error(
-        "the database is not reachable: {source} (start fails at once without a wait; \
-         set a wait for the database to wait for it)"
-    )]
+    /// failed at once. The message is the cause first, then the fix (a
+    /// missing database, a refused password, an unknown host, a closed port,
+    /// a server without TLS, a port that does not speak PostgreSQL).
+    #[error("{}", unreachable_text(.explanation.as_ref(), .source.as_ref()))]
     Unreachable {
-        /// What connecting reported (an I/O error when the primary's port
-        /// refused the connection, else the cluster's error).
+        /// The cause and the fix, when the primary's login could be tried.
+        explanation: Option<ConnectExplanation>,
+        /// What connecting reported when there is no explanation (the
+        /// cluster's error); `None` when the explanation says it all.
         #[source]
-        source: BoxError,
+        source: Option<BoxError>,
     },
     /// The database did not become reachable within the wait.
     #[error(
-        "the database did not become reachable within {waited:?} ({attempts} attempts); \
-         last error: {source}"
+        "the database did not become reachable within {waited:?} ({attempts} attempts); last: {}",
+        last_text(.explanation.as_ref(), .source.as_ref())
     )]
     WaitTimedOut {
         /// How long the start waited.
         waited: Duration,
         /// How many times it tried to connect.
         attempts: u32,
-        /// The last attempt's error.
+        /// The last attempt's cause and fix, when the login could be tried.
+        explanation: Option<ConnectExplanation>,
+        /// The last attempt's error when there is no explanation.
         #[source]
-        source: BoxError,
+        source: Option<BoxError>,
     },
     /// The cluster could not be built (settings the pool or the cluster
     /// refuse).
@@ -60,4 +63,27 @@ pub enum StartError {
     /// The start options are inconsistent.
     #[error("invalid start option: {0}")]
     Options(String),
+}
+
+fn unreachable_text(explanation: Option<&ConnectExplanation>, source: Option<&BoxError>) -> String {
+    match (explanation, source) {
+        (Some(e), _) if e.problem.may_pass() => format!(
+            "{e} (the start failed at once; set startup.wait_for_database to wait for the \
+             database instead)"
+        ),
+        (Some(e), _) => e.to_string(),
+        (None, Some(source)) => format!(
+            "the database is not reachable: {source} (the start failed at once; set \
+             startup.wait_for_database to wait for it)"
+        ),
+        (None, None) => "the database is not reachable".to_owned(),
+    }
+}
+
+fn last_text(explanation: Option<&ConnectExplanation>, source: Option<&BoxError>) -> String {
+    match (explanation, source) {
+        (Some(e), _) => e.to_string(),
+        (None, Some(source)) => source.to_string(),
+        (None, None) => "no answer".to_owned(),
+    }
 }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use pgstack_config::{DatabaseConfig, NodeSettings};
+use pgstack_config::{ConnectExplanation, DatabaseConfig};
 use pgstack_connection::{Cluster, Node, Role, observe};
+use pgstack_pool::{ConnectError, PoolBuilder, PoolError};
 use pgstack_resilience::{Backoff, BreakerState};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -353,28 +354,37 @@ async fn connect(
     let mut previous = Duration::ZERO;
     loop {
         attempt += 1;
-        let error: BoxError = match reachable(&config.primary, config.pool.connect_timeout).await {
-            Err(error) => Box::new(error),
-            Ok(()) => {
-                let mut builder = Cluster::builder(config);
-                if let Some(lanes) = options.shared_connections {
-                    builder = builder.shared_connections(lanes);
-                }
-                match builder.build().await {
-                    Ok(cluster) => return Ok((cluster, attempt)),
-                    Err(error @ pgstack_connection::Error::Config(_)) => {
-                        return Err(StartError::Cluster(error));
+        let (explanation, error): (Option<ConnectExplanation>, Option<BoxError>) =
+            match log_in(config).await {
+                // The explanation says it all; the driver's chain would say
+                // it again.
+                Err(failed) => match failed.explanation() {
+                    Some(explained) => (Some(explained.clone()), None),
+                    None => (None, Some(Box::new(failed))),
+                },
+                Ok(()) => {
+                    let mut builder = Cluster::builder(config);
+                    if let Some(lanes) = options.shared_connections {
+                        builder = builder.shared_connections(lanes);
                     }
-                    Err(error) => Box::new(error),
+                    match builder.build().await {
+                        Ok(cluster) => return Ok((cluster, attempt)),
+                        Err(error @ pgstack_connection::Error::Config(_)) => {
+                            return Err(StartError::Cluster(error));
+                        }
+                        Err(error) => (None, Some(Box::new(error))),
+                    }
                 }
-            }
-        };
+            };
         let Some(limit) = options
             .wait
             .or(config.startup.wait_for_database)
             .filter(|wait| !wait.is_zero())
         else {
-            return Err(StartError::Unreachable { source: error });
+            return Err(StartError::Unreachable {
+                explanation,
+                source: error,
+            });
         };
         let waited = started.elapsed();
         let delay = backoff.delay(attempt, previous);
@@ -383,6 +393,7 @@ async fn connect(
             return Err(StartError::WaitTimedOut {
                 waited,
                 attempts: attempt,
+                explanation,
                 source: error,
             });
         }
@@ -390,34 +401,36 @@ async fn connect(
             attempt,
             waited,
             limit,
-            error: error.to_string(),
+            error: match (&explanation, &error) {
+                (Some(explained), _) => explained.to_string(),
+                (None, Some(error)) => error.to_string(),
+                (None, None) => "no answer".to_owned(),
+            },
         });
         tokio::time::sleep(delay).await;
     }
 }
 
-/// Whether the primary's port takes a TCP connection: a refused port is
-/// known at once, where the pool would retry until its connect timeout.
-/// Unix-socket hosts are left to the pool.
-async fn reachable(node: &NodeSettings, timeout: Duration) -> std::io::Result<()> {
-    if node.host.starts_with('/') {
-        return Ok(());
-    }
-    let target = (node.host.as_str(), node.port);
-    let describe = |e: &dyn fmt::Display| {
-        format!(
-            "connecting to the primary ({}:{}): {e}",
-            node.host, node.port
-        )
+/// One login to the configured primary, with the cluster's TLS and
+/// timeouts, before the cluster is built: a failure is explained at once
+/// (the cause first, then the fix) instead of surfacing as "no writable
+/// primary" behind the pools' retries.
+async fn log_in(config: &DatabaseConfig) -> Result<(), Arc<ConnectError>> {
+    let pool = match PoolBuilder::from_config(config, &config.primary)
+        .name("primary")
+        .without_circuit_breaker()
+        .build_lazy()
+    {
+        Ok(pool) => pool,
+        // Settings the pool refuses: the cluster's build says which.
+        Err(_) => return Ok(()),
     };
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
-        Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(std::io::Error::new(e.kind(), describe(&e))),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            describe(&format!("no answer within {timeout:?}")),
-        )),
-    }
+    let result = match pool.probe().await {
+        Err(PoolError::Connect(failed)) => Err(failed),
+        _ => Ok(()),
+    };
+    pool.close();
+    result
 }
 
 /// Opens `min_idle` connections on every node by holding that many

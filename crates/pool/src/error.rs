@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgstack_config::{ConnectExplanation, ConnectFailure, NodeSettings, explain_connect_failure};
+
 use crate::status::PoolStatus;
 
 /// What a checkout was doing when its acquire timeout ran out.
@@ -37,29 +39,32 @@ impl fmt::Display for AcquirePhase {
     }
 }
 
-/// Why opening one connection failed.
+/// Why opening one connection failed. Its text is the cause first, then the
+/// fix ([`pgstack_config::explain_connect_failure`]): "database \"bills\"
+/// does not exist on db:5432; create it …".
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
     /// The server or the network refused, or login failed.
-    #[error("connecting to {node} failed: {}", Chain(source))]
+    #[error("{explanation}")]
     Postgres {
         /// The node (URL without password).
         node: Arc<str>,
+        /// The cause and the fix, in words.
+        explanation: ConnectExplanation,
         /// What tokio-postgres reported.
         #[source]
         source: tokio_postgres::Error,
     },
     /// TCP, TLS and login together took longer than `pool.connect_timeout`.
-    #[error(
-        "connecting to {node} timed out after {after:?} (TCP, TLS and login); \
-         the node is unreachable or not answering (raise pool.connect_timeout if it is just slow)"
-    )]
+    #[error("{explanation}")]
     Timeout {
         /// The node (URL without password).
         node: Arc<str>,
         /// The connect timeout.
         after: Duration,
+        /// The cause and the fix, in words.
+        explanation: ConnectExplanation,
     },
     /// The pool was closed: no attempt was made.
     #[error("not connecting to {node}: the pool is closed")]
@@ -76,6 +81,55 @@ pub enum ConnectError {
         #[source]
         source: pgstack_resilience::Rejected,
     },
+}
+
+/// Explains a failed connect of tokio-postgres to `node`: the server's
+/// SQLSTATE and message, or the innermost text of the transport's error.
+pub(crate) fn explain(node: &NodeSettings, error: &tokio_postgres::Error) -> ConnectExplanation {
+    if let Some(db) = error.as_db_error() {
+        return explain_connect_failure(
+            node,
+            ConnectFailure::Server {
+                code: db.code().code(),
+                message: db.message(),
+            },
+        );
+    }
+    // The whole chain is searched for the cause's words; the innermost
+    // text is what is quoted.
+    let chain = Chain(error).to_string();
+    let innermost = std::iter::successors(
+        std::error::Error::source(error),
+        |e: &&(dyn std::error::Error + 'static)| e.source(),
+    )
+    .last()
+    .map(ToString::to_string);
+    let text = match innermost {
+        Some(inner) if !inner.is_empty() => {
+            // Keep words only the outer layers say ("TLS handshake").
+            if chain.to_ascii_lowercase().contains("tls")
+                && !inner.to_ascii_lowercase().contains("tls")
+            {
+                chain
+            } else {
+                inner
+            }
+        }
+        _ => chain,
+    };
+    explain_connect_failure(node, ConnectFailure::Transport { message: &text })
+}
+
+impl ConnectError {
+    /// The cause and the fix, for a failed attempt (not for one that was
+    /// not made).
+    pub fn explanation(&self) -> Option<&ConnectExplanation> {
+        match self {
+            ConnectError::Postgres { explanation, .. }
+            | ConnectError::Timeout { explanation, .. } => Some(explanation),
+            _ => None,
+        }
+    }
 }
 
 /// A tokio-postgres error with its causes ("db error" alone says nothing).
@@ -148,6 +202,19 @@ pub struct LastConnectError {
 
 impl fmt::Display for AcquireTimeout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The last failed connect is the cause when it cannot pass by
+        // waiting (a missing database, a refused password, an unknown host,
+        // no TLS), or when the pool had no connection at all and was
+        // connecting: said first.
+        let connecting = self.phase == AcquirePhase::Connecting && self.status.size == 0;
+        let permanent = self.last_connect_error.as_ref().and_then(|last| {
+            last.error
+                .explanation()
+                .filter(|e| connecting || !e.problem.may_pass())
+        });
+        if let Some(explanation) = permanent {
+            write!(f, "{explanation} (")?;
+        }
         let s = &self.status;
         write!(
             f,
@@ -164,13 +231,14 @@ impl fmt::Display for AcquireTimeout {
             s.connecting,
             s.waiters,
         )?;
-        match &self.last_connect_error {
-            Some(last) => write!(
+        match (&self.last_connect_error, permanent) {
+            (Some(_), Some(_)) => f.write_str(")"),
+            (Some(last), None) => write!(
                 f,
                 "; last connect error ({:?} ago): {}",
                 last.age, last.error
             ),
-            None => Ok(()),
+            (None, _) => Ok(()),
         }
     }
 }

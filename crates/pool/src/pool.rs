@@ -9,8 +9,8 @@ use std::time::Duration;
 use bb8::ManageConnection;
 use bb8_postgres::PostgresConnectionManager;
 use pgstack_config::{
-    CheckoutValidation, CircuitBreakerSettings, DatabaseConfig, KeepaliveSettings, NodeSettings,
-    PoolSettings, QuerySettings, RetrySettings, TlsSettings,
+    CheckoutValidation, CircuitBreakerSettings, ConnectFailure, DatabaseConfig, KeepaliveSettings,
+    NodeSettings, PoolSettings, QuerySettings, RetrySettings, TlsSettings, explain_connect_failure,
 };
 use pgstack_resilience::{Backoff, BreakerState, CircuitBreaker, Outcome};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) label: Arc<str>,
     /// The node for messages: name and URL without password.
     pub(crate) display: Arc<str>,
+    /// The node's settings, to explain a failed connection.
+    pub(crate) node: NodeSettings,
     pub(crate) settings: PoolSettings,
     pub(crate) tls: MakeRustlsConnect,
     pub(crate) stats: Stats,
@@ -189,11 +191,16 @@ impl Manager {
             }
             Ok(Err(source)) => ConnectError::Postgres {
                 node: Arc::clone(&shared.display),
+                explanation: crate::error::explain(&shared.node, &source),
                 source,
             },
             Err(_) => ConnectError::Timeout {
                 node: Arc::clone(&shared.display),
                 after: timeout,
+                explanation: explain_connect_failure(
+                    &shared.node,
+                    ConnectFailure::TimedOut { after: timeout },
+                ),
             },
         };
         tracing::debug!(node = %shared.label, error = %result, "connect attempt failed");
@@ -1148,6 +1155,7 @@ impl PoolBuilder {
             stats: Stats::new(&label, settings.max_size),
             label,
             display,
+            node: self.node.clone(),
             tls: tls.clone(),
             leaks: Leaks::new(settings.leak_detection_threshold),
             cache_statements: self.query.prepared_statements,

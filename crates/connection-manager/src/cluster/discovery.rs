@@ -170,13 +170,16 @@ pub(super) async fn check_role(node: &Node, timeout: Duration) -> Result<Role, S
             .circuit_breaker()
             .is_some_and(|b| !b.state().allows_calls())
         {
-            node.pool().probe().await.map_err(|e| e.to_string())?;
+            node.pool()
+                .probe()
+                .await
+                .map_err(|e| failure_text(node, &e))?;
         }
         let conn = node
             .pool()
             .get(ROLE_CHECK_OP)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failure_text(node, &e))?;
         observe(&conn)
             .await
             .map(|seen| seen.role())
@@ -187,9 +190,20 @@ pub(super) async fn check_role(node: &Node, timeout: Duration) -> Result<Role, S
         // The pool may still be retrying a connect that fails (a TLS
         // handshake the server refuses, a missing database): say why.
         Err(_) => Err(match node.pool().status().last_connect_error {
-            Some(last) => format!("no answer within {timeout:?}; last connect error: {last}"),
+            Some(last) => format!("{last} (no answer within {timeout:?})"),
             None => format!("no answer within {timeout:?}"),
         }),
+    }
+}
+
+/// Why a node's pool gave no connection: the cause of its last failed
+/// connect when it has none open (a missing database, a refused password:
+/// the cause first, then the fix), else the pool's own error.
+fn failure_text(node: &Node, error: &pgstack_pool::PoolError) -> String {
+    let status = node.pool().status();
+    match status.last_connect_error {
+        Some(last) if status.size == 0 => last,
+        _ => error.to_string(),
     }
 }
 
