@@ -20,44 +20,99 @@ struct Tally {
     failed: Vec<(i64, String)>,
 }
 
+/// A server with a fresh database holding `table`, a ChaosProxy in front of
+/// it that resets every open connection again and again (10-60 ms apart, and
+/// never before `at_least` operations have ended since the last reset:
+/// `ChaosProxy::keep_resetting`), and a cluster through the proxy.
+struct UnderResets {
+    _server: TestCluster,
+    db: TestDb,
+    cluster: Cluster,
+    stop: Arc<AtomicBool>,
+    /// Operations ended: the callers count theirs here.
+    ended: Arc<AtomicU64>,
+    chaos: tokio::task::JoinHandle<u64>,
+}
+
+impl UnderResets {
+    async fn start(
+        table: &str,
+        at_least: u64,
+        edit: impl FnOnce(&mut pgstack_config::DatabaseConfig),
+    ) -> UnderResets {
+        let server = TestCluster::start().await.unwrap();
+        let db = TestDb::on(&server).await.unwrap();
+        db.client()
+            .await
+            .unwrap()
+            .batch_execute(table)
+            .await
+            .unwrap();
+        let proxy = ChaosProxy::start(server.addr()).await.unwrap();
+        let mut config = common::config(&proxy.url(db.name()));
+        edit(&mut config);
+        let cluster = Cluster::connect(&config).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicU64::new(0));
+        let chaos = {
+            let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
+            tokio::spawn(async move { proxy.keep_resetting(&stop, &ended, at_least).await })
+        };
+        UnderResets {
+            _server: server,
+            db,
+            cluster,
+            stop,
+            ended,
+            chaos,
+        }
+    }
+
+    /// Stops the resets; how many there were.
+    async fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        (&mut self.chaos).await.unwrap()
+    }
+
+    /// Rows per id in `table`.
+    async fn counts(&self, table: &str) -> HashMap<i64, i64> {
+        let rows = self
+            .db
+            .client()
+            .await
+            .unwrap()
+            .query(
+                &format!("SELECT id, count(*) FROM {table} GROUP BY id"),
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
-    let server = TestCluster::start().await.unwrap();
-    let db = TestDb::on(&server).await.unwrap();
-    // No unique constraint: a write applied twice would show as two rows.
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE ledger (id bigint NOT NULL, amount int NOT NULL)")
-        .await
-        .unwrap();
-    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
-    let mut config = common::config(&proxy.url(db.name()));
-    config.pool.max_size = 10;
-    config.retry.max_attempts = 10;
-    let cluster = Cluster::connect(&config).await.unwrap();
-
-    // A reset every 10-60 ms, but never before RESET_AFTER inserts have
-    // ended since the last one (`ChaosProxy::keep_resetting`): a reset fails
-    // the inserts in flight on the connections it cuts, up to one per task.
-    const RESET_AFTER: u64 = 60;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ended = Arc::new(AtomicU64::new(0));
-    let chaos = {
-        let stop = Arc::clone(&stop);
-        let ended = Arc::clone(&ended);
-        tokio::spawn(async move {
-            let resets = proxy.keep_resetting(&stop, &ended, RESET_AFTER).await;
-            (proxy, resets)
-        })
-    };
+    // No unique constraint: a write applied twice would show as two rows. A
+    // reset fails the inserts in flight on the connections it cuts, up to
+    // one per task; never before 60 inserts have ended since the last one.
+    let mut setup = UnderResets::start(
+        "CREATE TABLE ledger (id bigint NOT NULL, amount int NOT NULL)",
+        60,
+        |config| {
+            config.pool.max_size = 10;
+            config.retry.max_attempts = 10;
+        },
+    )
+    .await;
+    let cluster = setup.cluster.clone();
 
     const TASKS: i64 = 50;
     const PER_TASK: i64 = 200;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
         let cluster = cluster.clone();
-        let ended = Arc::clone(&ended);
+        let ended = Arc::clone(&setup.ended);
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             for i in 0..PER_TASK {
@@ -89,8 +144,7 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
         all.unknown.extend(tally.unknown);
         all.failed.extend(tally.failed);
     }
-    stop.store(true, Ordering::Release);
-    let (_proxy, resets) = chaos.await.unwrap();
+    let resets = setup.stop().await;
 
     let sample: Vec<_> = all.failed.iter().take(3).collect();
     eprintln!("ledger: failed sample: {sample:?}");
@@ -98,12 +152,7 @@ async fn ten_thousand_inserts_through_random_resets_are_never_duplicated() {
     let total = (TASKS * PER_TASK) as usize;
     assert_eq!(all.ok.len() + all.unknown.len() + all.failed.len(), total);
 
-    let client = db.client().await.unwrap();
-    let rows = client
-        .query("SELECT id, count(*) FROM ledger GROUP BY id", &[])
-        .await
-        .unwrap();
-    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let counts = setup.counts("ledger").await;
     let duplicates: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(duplicates.is_empty(), "duplicated ids: {duplicates:?}");
     for id in &all.ok {
@@ -337,31 +386,18 @@ async fn a_commit_whose_answer_was_lost_is_looked_up_and_reported_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_writes_are_retried_through_resets() {
-    let server = TestCluster::start().await.unwrap();
-    let db = TestDb::on(&server).await.unwrap();
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE seen (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
-    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
-    let mut config = common::config(&proxy.url(db.name()));
-    config.retry.max_attempts = 20;
-    let cluster = Cluster::connect(&config).await.unwrap();
-    // Resets every 10-60 ms, but never before 10 writes have ended since
-    // the last one: paced by time alone, a saturated machine (3 CPU hogs on
-    // 2 cores) made some write meet a reset on each of its 20 attempts.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ended = Arc::new(AtomicU64::new(0));
-    let chaos = {
-        let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
-        tokio::spawn(async move { proxy.keep_resetting(&stop, &ended, 10).await })
-    };
+    // Paced by finished writes as well as time: paced by time alone, a
+    // saturated machine (3 CPU hogs on 2 cores) made some write meet a reset
+    // on each of its 20 attempts.
+    let mut setup = UnderResets::start("CREATE TABLE seen (id bigint PRIMARY KEY)", 10, |config| {
+        config.retry.max_attempts = 20;
+    })
+    .await;
+    let cluster = setup.cluster.clone();
     let mut tasks = Vec::new();
     for task in 0..10_i64 {
         let cluster = cluster.clone();
-        let ended = Arc::clone(&ended);
+        let ended = Arc::clone(&setup.ended);
         tasks.push(tokio::spawn(async move {
             for i in 0..100_i64 {
                 let id = task * 100 + i;
@@ -382,18 +418,10 @@ async fn idempotent_writes_are_retried_through_resets() {
     for task in tasks {
         task.await.unwrap();
     }
-    stop.store(true, Ordering::Release);
-    let resets = chaos.await.unwrap();
+    let resets = setup.stop().await;
     assert!(resets > 10, "{resets} resets");
-    let rows: i64 = db
-        .client()
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM seen", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 1000);
+    let counts = setup.counts("seen").await;
+    assert_eq!(counts.len(), 1000);
     let metrics = cluster.metrics();
     assert_eq!(metrics.unknown_outcomes, 0);
     assert!(metrics.retries > 0, "the resets hit some writes");
@@ -401,35 +429,17 @@ async fn idempotent_writes_are_retried_through_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolvable_autocommit_writes_through_resets_are_looked_up_not_unknown() {
-    let server = TestCluster::start().await.unwrap();
-    let db = TestDb::on(&server).await.unwrap();
     // No unique constraint: a write applied twice would show as two rows.
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE ledger (id bigint NOT NULL)")
-        .await
-        .unwrap();
-    let proxy = ChaosProxy::start(server.addr()).await.unwrap();
-    let mut config = common::config(&proxy.url(db.name()));
-    config.pool.max_size = 10;
-    config.retry.max_attempts = 10;
-    let cluster = Cluster::connect(&config).await.unwrap();
-
-    // Resets paced by finished writes as well as time (10-60 ms apart).
-    let stop = Arc::new(AtomicBool::new(false));
-    let ended = Arc::new(AtomicU64::new(0));
-    let chaos = {
-        let (stop, ended) = (Arc::clone(&stop), Arc::clone(&ended));
-        tokio::spawn(async move {
-            let resets = proxy.keep_resetting(&stop, &ended, 15).await;
-            (proxy, resets)
-        })
-    };
+    let mut setup = UnderResets::start("CREATE TABLE ledger (id bigint NOT NULL)", 15, |config| {
+        config.pool.max_size = 10;
+        config.retry.max_attempts = 10;
+    })
+    .await;
+    let cluster = setup.cluster.clone();
     let mut tasks = Vec::new();
     for task in 0..8_i64 {
         let cluster = cluster.clone();
-        let ended = Arc::clone(&ended);
+        let ended = Arc::clone(&setup.ended);
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             for i in 0..60_i64 {
@@ -463,17 +473,8 @@ async fn resolvable_autocommit_writes_through_resets_are_looked_up_not_unknown()
         all.unknown.extend(tally.unknown);
         all.failed.extend(tally.failed);
     }
-    stop.store(true, Ordering::Release);
-    let (_proxy, resets) = chaos.await.unwrap();
-
-    let rows = db
-        .client()
-        .await
-        .unwrap()
-        .query("SELECT id, count(*) FROM ledger GROUP BY id", &[])
-        .await
-        .unwrap();
-    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let resets = setup.stop().await;
+    let counts = setup.counts("ledger").await;
     assert!(counts.values().all(|n| *n == 1), "a write applied twice");
     for id in &all.ok {
         assert_eq!(counts.get(id), Some(&1), "acknowledged insert {id} missing");
