@@ -227,6 +227,13 @@ impl Cluster {
                 self.inner
                     .counters
                     .resolved(node.name_arc(), Resolution::Unknown);
+                tracing::info!(
+                    op = op.name(),
+                    node = node.name(),
+                    outcome = Resolution::Unknown.as_str(),
+                    "a COMMIT whose connection broke could not be looked up: its transaction id \
+                     was not learned"
+                );
                 return Err(Error::CommitOutcomeUnknown {
                     node: Arc::clone(node.name_arc()),
                     operation: op.name().to_owned(),

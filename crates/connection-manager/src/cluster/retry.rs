@@ -65,8 +65,12 @@ impl<'a> CallRules<'a> {
             // back) did not commit: say so, so that `provably_not_sent`
             // tells the truth.
             return match error {
-                Error::Connection { sent: true, .. } | Error::Timeout { .. }
-                    if self.shape == Shape::Transaction =>
+                // A transient failure whose retries ran out (a broken
+                // connection, a round trip that ran out, 57P01 …).
+                error
+                    if self.shape == Shape::Transaction
+                        && error.is_transient()
+                        && !error.provably_not_sent() =>
                 {
                     Error::RolledBack {
                         node: error.node().map_or_else(|| Arc::from("unknown"), Arc::from),
