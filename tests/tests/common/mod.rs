@@ -123,13 +123,94 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Watch {
 pub(crate) fn capture_logs() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt as _;
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)
             .with_writer(Watch)
             .with_ansi(false)
-            .finish();
+            .finish()
+            .with(LookUps);
         tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
     });
+}
+
+// ----- interrupted commits looked up -------------------------------------------
+
+/// One `COMMIT` whose connection broke, as pgstack logged its look-up ("a
+/// COMMIT whose connection broke was looked up"): the operation, the node
+/// the transaction ran on, its id and what the look-up found (`committed`,
+/// `aborted`, `lost`, `unknown`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LookUp {
+    pub(crate) op: String,
+    pub(crate) node: String,
+    pub(crate) xid: i64,
+    pub(crate) outcome: String,
+}
+
+/// The message of pgstack's event for a looked-up `COMMIT`.
+const LOOKED_UP: &str = "a COMMIT whose connection broke was looked up";
+
+static LOOK_UPS: Mutex<Vec<LookUp>> = Mutex::new(Vec::new());
+
+/// A layer beside the log capture that keeps every looked-up `COMMIT`, so a
+/// scenario can check each "committed" answer against its table by the
+/// transaction's id.
+struct LookUps;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LookUps {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if !event.metadata().target().starts_with("pgstack_connection") {
+            return;
+        }
+        let mut fields = LookUpFields::default();
+        event.record(&mut fields);
+        if fields.message == LOOKED_UP {
+            LOOK_UPS.lock().unwrap().push(fields.seen);
+        }
+    }
+}
+
+#[derive(Default)]
+struct LookUpFields {
+    message: String,
+    seen: LookUp,
+}
+
+impl tracing::field::Visit for LookUpFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "op" => value.clone_into(&mut self.seen.op),
+            "node" => value.clone_into(&mut self.seen.node),
+            "outcome" => value.clone_into(&mut self.seen.outcome),
+            "message" => value.clone_into(&mut self.message),
+            _ => {}
+        }
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        if field.name() == "xid" {
+            self.seen.xid = value;
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+/// The looked-up `COMMIT`s of operation `op` seen so far (by every test of
+/// the binary; operation names keep the scenarios apart).
+pub(crate) fn look_ups(op: &str) -> Vec<LookUp> {
+    LOOK_UPS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.op == op)
+        .cloned()
+        .collect()
 }
 
 /// Fails if any captured log line so far held the password; returns how many
@@ -291,11 +372,21 @@ pub(crate) struct Reconciled {
 /// Reads the ledger table (through a connection of the kit's, not pgstack)
 /// and reconciles every outcome.
 pub(crate) async fn reconcile(client: &tokio_postgres::Client, ledger: &Ledger) -> Reconciled {
+    reconcile_counts(&ledger_counts(client).await, ledger)
+}
+
+/// How many rows the ledger table holds per id, through a kit connection.
+pub(crate) async fn ledger_counts(client: &tokio_postgres::Client) -> HashMap<i64, i64> {
     let rows = client
         .query("SELECT id, count(*) FROM ledger GROUP BY id", &[])
         .await
         .expect("read the ledger");
-    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Reconciles every outcome of `ledger` with `counts`, the rows per id a
+/// table holds (the ledger table, or another table of unique write ids).
+pub(crate) fn reconcile_counts(counts: &HashMap<i64, i64>, ledger: &Ledger) -> Reconciled {
     let mut result = Reconciled {
         duplicated: counts.values().filter(|n| **n > 1).count() as u64,
         ..Reconciled::default()
