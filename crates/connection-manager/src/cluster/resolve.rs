@@ -231,8 +231,8 @@ impl Cluster {
                     op = op.name(),
                     node = node.name(),
                     outcome = Resolution::Unknown.as_str(),
-                    "a COMMIT whose connection broke could not be looked up: its transaction id \
-                     was not learned"
+                    why = "its transaction id was not learned",
+                    "a COMMIT whose connection broke was looked up"
                 );
                 return Err(Error::CommitOutcomeUnknown {
                     node: Arc::clone(node.name_arc()),
