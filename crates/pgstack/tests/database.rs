@@ -183,7 +183,13 @@ async fn a_database_that_is_down_fails_fast_with_a_clear_error() {
         started.elapsed()
     );
     assert!(matches!(error, StartError::Unreachable { .. }), "{error:?}");
-    assert!(error.to_string().contains("not reachable"), "{error}");
+    // The cause comes first, then what to do about it.
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!("nothing listens on 127.0.0.1:{port} (connection refused)")),
+        "{message}"
+    );
+    assert!(message.contains("fix the port"), "{message}");
 }
 
 /// A call's future is what a caller's own future holds while it waits, and
