@@ -201,7 +201,8 @@ async fn blackhole_times_out_naming_the_phase_and_cause_then_the_breaker_fails_f
     let text = err.to_string();
     assert!(text.contains("while connecting"), "{text}");
     assert!(text.contains("fetch-bills"), "{text}");
-    assert!(text.contains("timed out after 300ms"), "{text}");
+    // The cause first (the connect that got no answer), then the checkout.
+    assert!(text.contains("did not answer within 300ms"), "{text}");
     assert!(text.contains("pool: 0 open"), "{text}");
     assert_eq!(pool.status().timeouts, 1);
 
@@ -398,10 +399,13 @@ async fn a_probe_of_a_node_that_is_down_says_why_and_leaves_the_breaker_open() -
         permit.failure();
     }
     let err = pool.probe().await.unwrap_err();
+    let text = err.to_string();
     assert!(
-        err.to_string()
-            .starts_with(&format!("connecting to {}", proxy.url("postgres"))),
-        "names the node and the cause: {err}"
+        text.starts_with(&format!(
+            "{} closed the connection before the login finished",
+            proxy.addr()
+        )),
+        "names the node and the cause: {text}"
     );
     assert_eq!(pool.status().circuit.as_deref(), Some("open"));
     proxy.set_mode(ProxyMode::PassThrough);
