@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use pgstack_config::DatabaseConfig;
-//! use pgstack_connection::{Cluster, Error, Op, Route};
+//! use pgstack_connection::{Cluster, Error, Op, Queryable, Route};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut config = DatabaseConfig::for_tests("postgres://app:secret@db-primary/bills")?;
@@ -107,8 +107,10 @@ mod lanes;
 mod node;
 mod observe;
 mod params;
+mod query;
 mod record;
 mod route;
+mod row;
 mod sqlcheck;
 mod statements;
 mod stats;
@@ -121,7 +123,9 @@ pub use crate::observe::{
     LOOK_AGAIN_AFTER, OBSERVE_QUERY, Observation, ObserveError, ReplicaLag, observe,
     observe_replica, replica_lag,
 };
+pub use crate::query::{Bound, Queryable, Routed, RowStream, Statement};
 pub use crate::route::{InvalidWalPosition, Op, Route, WalPosition};
+pub use crate::row::{FromRow, RowError, RowProblem, column};
 pub use crate::stats::{
     COMMIT_RESOLUTIONS_METRIC, ClusterMetrics, CommitResolutions, FAILOVERS_METRIC, NodeMetrics,
     QUERIES_METRIC, QUERY_DURATION_METRIC, QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
