@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
                     &[&"hello from pgstack"],
                 )
                 .await?;
-            Ok(row.get(0))
+            Ok::<_, pgstack::Error>(row.get(0))
         })
         .await?;
 

@@ -107,13 +107,18 @@ mod database;
 
 pub use crate::database::{Database, DatabaseBuilder, connect};
 
-// Queries and their errors.
+// Queries, typed rows and their errors.
 pub use pgstack_connection::tokio_postgres::Row;
 pub use pgstack_connection::tokio_postgres::types::{FromSql, ToSql};
 pub use pgstack_connection::{
-    Cluster, ClusterMetrics, CommitResolutions, Connection, DbError, Error, IsolationLevel,
-    NodeMetrics, Op, Role, Route, Transaction, TransactionOptions, WalPosition,
+    Bound, Cluster, ClusterMetrics, CommitResolutions, Connection, DbError, Error, FromRow,
+    IsolationLevel, NodeMetrics, Op, Queryable, Role, Route, Routed, RowError, RowProblem,
+    RowStream, Statement, Transaction, TransactionOptions, WalPosition, column,
 };
+/// `#[derive(FromRow)]`: a struct read from a row, column by name
+/// (`#[pgstack(rename = "..")]`, `#[pgstack(flatten)]`, `Option` for a
+/// nullable column); see [`FromRow`].
+pub use pgstack_macros::FromRow;
 
 // Health monitoring.
 #[cfg(feature = "health")]
@@ -146,8 +151,9 @@ pub use pgstack_resilience as resilience;
 /// What most services need: `use pgstack::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Database, Error, Health, NodeHealth, Op, Route, Row, ShutdownReport, StartError, Status,
-        ToSql, Transaction, TransactionOptions, WalPosition,
+        Database, Error, FromRow, Health, NodeHealth, Op, Queryable, Route, Row, RowStream,
+        ShutdownReport, StartError, Statement, Status, ToSql, Transaction, TransactionOptions,
+        WalPosition,
     };
 }
 
