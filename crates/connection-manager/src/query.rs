@@ -287,6 +287,20 @@ pub struct Routed<'c> {
 }
 
 impl Routed<'_> {
+    /// [`Queryable::query_stream`], with a stream that outlives this handle
+    /// (it keeps its connection of its own): `db.on(..).query_stream(..)`
+    /// needs no handle kept beside it.
+    ///
+    /// # Errors
+    /// As [`Queryable::query_stream`].
+    pub async fn query_stream(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream<'static>, Error> {
+        self.cluster.stream(&self.op, self.route, sql, params).await
+    }
+
     /// The operation.
     pub fn op(&self) -> &Op {
         &self.op
@@ -323,10 +337,7 @@ impl sealed::Sealed for Routed<'_> {
         params: &'a [&'a (dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<RowStream<'a>, Error>> + Send + 'a {
         async move {
-            let stream = self
-                .cluster
-                .stream(&self.op, self.route, sql, params)
-                .await?;
+            let stream = Routed::query_stream(self, sql, params).await?;
             Ok(stream)
         }
     }
@@ -461,6 +472,14 @@ pub struct Bound<'c> {
 }
 
 impl<'c> Bound<'c> {
+    /// The statement on another route: [`Route::ReadAfter`] to read a write
+    /// of one's own wherever the read lands.
+    #[must_use]
+    pub fn route(mut self, route: Route) -> Self {
+        self.routed.route = route;
+        self
+    }
+
     /// [`Queryable::query`].
     ///
     /// # Errors
@@ -530,10 +549,10 @@ impl<'c> Bound<'c> {
     ///
     /// # Errors
     /// As [`Queryable::query_stream`].
-    pub async fn query_stream<'a>(
-        &'a self,
-        params: &'a [&'a (dyn ToSql + Sync)],
-    ) -> Result<RowStream<'a>, Error> {
+    pub async fn query_stream(
+        &self,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream<'static>, Error> {
         self.routed.query_stream(self.sql, params).await
     }
 }
