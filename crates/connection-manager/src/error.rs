@@ -367,7 +367,7 @@ pub enum Error {
         pg_type: Option<String>,
         /// What went wrong, in full.
         #[source]
-        source: RowError,
+        source: Box<RowError>,
     },
     /// The caller's closure gave up with an error of its own (see
     /// [`Error::abort`]); the transaction was rolled back. Never retried.
@@ -587,7 +587,7 @@ impl Error {
             column: source.column.clone(),
             rust_type: source.rust_type.clone(),
             pg_type: source.pg_type.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

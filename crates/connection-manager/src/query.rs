@@ -313,33 +313,29 @@ impl Routed<'_> {
 }
 
 impl sealed::Sealed for Routed<'_> {
-    fn fetch<'a>(
+    async fn fetch<'a>(
         &'a self,
         sql: &'a str,
         params: &'a [&'a (dyn ToSql + Sync)],
         want: Want,
-    ) -> impl Future<Output = Result<sealed::Fetched, Error>> + Send + 'a {
-        async move {
-            let ((got, _), node) = self
-                .cluster
-                .statement(&self.op, self.route, sql, params, want, false)
-                .await?;
-            Ok(sealed::Fetched {
-                got,
-                node: Arc::clone(node.name_arc()),
-            })
-        }
+    ) -> Result<sealed::Fetched, Error> {
+        let ((got, _), node) = self
+            .cluster
+            .statement(&self.op, self.route, sql, params, want, false)
+            .await?;
+        Ok(sealed::Fetched {
+            got,
+            node: Arc::clone(node.name_arc()),
+        })
     }
 
-    fn stream<'a>(
+    async fn stream<'a>(
         &'a self,
         sql: &'a str,
         params: &'a [&'a (dyn ToSql + Sync)],
-    ) -> impl Future<Output = Result<RowStream<'a>, Error>> + Send + 'a {
-        async move {
-            let stream = Routed::query_stream(self, sql, params).await?;
-            Ok(stream)
-        }
+    ) -> Result<RowStream<'a>, Error> {
+        let stream = Routed::query_stream(self, sql, params).await?;
+        Ok(stream)
     }
 
     fn operation(&self) -> &str {

@@ -659,7 +659,7 @@ impl PooledConnection {
             }
             result?
         };
-        Ok(RowStream::new(stream, Holder::Owned(self)))
+        Ok(RowStream::new(stream, Holder::Owned(Box::new(self))))
     }
 
     /// The raw tokio-postgres client, for what the methods here do not

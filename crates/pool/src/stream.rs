@@ -17,7 +17,7 @@ pub(crate) enum Holder<'a> {
     /// A checkout or a transaction the caller keeps.
     Borrowed(&'a PgConnection),
     /// The checkout itself, returned to the pool when the stream is dropped.
-    Owned(PooledConnection),
+    Owned(Box<PooledConnection>),
 }
 
 /// The rows of one statement, read from the socket as the stream is polled.
