@@ -16,9 +16,12 @@
 //! let cluster = Cluster::connect(&config).await?;
 //!
 //! // Every call names its operation. Reads go to a replica within the lag
-//! // limit (or the primary), writes to the primary.
+//! // limit (or the primary), writes to the primary. `on` is the routed
+//! // handle; its methods are those of `Queryable`, which a `Transaction` and
+//! // a `Connection` share.
 //! let unpaid: Vec<tokio_postgres::Row> = cluster
-//!     .query("fetch-bills", Route::Read, "SELECT id FROM bills WHERE NOT paid", &[])
+//!     .on("fetch-bills", Route::Read)
+//!     .query("SELECT id FROM bills WHERE NOT paid", &[])
 //!     .await?;
 //!
 //! // A write that hands back its WAL position; reading with it never sees
@@ -36,7 +39,7 @@
 //! cluster
 //!     .transaction("pay-bill", async |tx| {
 //!         tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&42_i64]).await?;
-//!         Ok(())
+//!         Ok::<_, Error>(())
 //!     })
 //!     .await?;
 //!

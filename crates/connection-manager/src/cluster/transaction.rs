@@ -173,8 +173,16 @@ impl Cluster {
     /// # Ok(()) }
     /// ```
     ///
+    /// The closure returns `Result<T, E>` for the service's own `E: From<Error>`
+    /// (`async |tx| -> Result<_, AppError> { .. }`): `?` works on pgstack's
+    /// errors and the service's alike; an `Err` rolls back and comes back as
+    /// it is, and the whole transaction is still repeated when a statement in
+    /// it had failed with a serialization failure or a deadlock (the
+    /// [`Transaction`] records its first failed statement, which the retry
+    /// rules read).
+    ///
     /// # Errors
-    /// The last attempt's error; [`Error::Aborted`] for the caller's own;
+    /// The closure's own error; else the last attempt's [`Error`] as `E`:
     /// [`Error::TransactionAborted`]; [`Error::Usage`] for transaction
     /// control inside the closure.
     pub async fn transaction<T, E, F>(&self, op: impl Into<Op>, work: F) -> Result<T, E>
