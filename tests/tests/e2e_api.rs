@@ -529,3 +529,60 @@ async fn a_transaction_with_its_own_error_type_is_repeated_on_a_serialization_fa
     assert_eq!(totals.len(), 2);
     assert_ne!(totals[0], totals[1], "the second saw the first's insert");
 }
+
+#[tokio::test]
+async fn a_stream_dropped_half_read_in_a_transaction_leaves_it_usable() {
+    let (_tdb, db) = setup().await;
+    let n = db
+        .transaction("tx-drop-stream", async |tx| {
+            {
+                let mut rows = tx
+                    .query_stream("SELECT g FROM generate_series(1, 50000) g", &[])
+                    .await?;
+                rows.try_next().await?;
+            }
+            tx.execute("UPDATE bills SET paid = true WHERE id = 3", &[])
+                .await?;
+            let n: i64 = tx
+                .query_one("SELECT count(*) FROM bills WHERE paid", &[])
+                .await?
+                .get(0);
+            Ok::<_, Error>(n)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let paid: bool = read(&db)
+        .query_one("SELECT paid FROM bills WHERE id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(paid, "committed");
+}
+
+#[tokio::test]
+async fn without_prepared_statements_a_stream_still_yields_every_row() {
+    let tdb = TestDb::new().await.unwrap();
+    let mut config = common::config(tdb.url());
+    config.query.prepared_statements = false;
+    let db = common::connect(config).await;
+    let rows: Vec<Row> = db
+        .on("unnamed-stream", Route::Read)
+        .query_stream("SELECT g FROM generate_series(1, $1::int) g", &[&1000_i32])
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1000);
+    #[derive(FromRow)]
+    struct G {
+        g: i32,
+    }
+    let gs: Vec<G> = db
+        .on("unnamed-typed", Route::Read)
+        .query_as("SELECT g FROM generate_series(1, 3) g", &[])
+        .await
+        .unwrap();
+    assert_eq!(gs.iter().map(|g| g.g).sum::<i32>(), 6);
+}
