@@ -3,6 +3,7 @@
 //! bills: pgstack's `Database::transaction`, deadpool-postgres'
 //! `Client::transaction`, sqlx's `Pool::begin`. Throughput and p50/p99.
 
+use pgstack::Queryable as _;
 use std::time::Duration;
 
 use crate::Ctx;
@@ -90,7 +91,7 @@ impl Worker for PgstackTx {
                 let title: String = row.get(0);
                 tx.execute(UPDATE, &[&id, &title]).await?;
                 let row = tx.query_one(READ_BACK, &[&id]).await?;
-                Ok(row.get(0))
+                Ok::<_, pgstack::Error>(row.get(0))
             })
             .await?;
         anyhow::ensure!(!title.is_empty(), "no title");

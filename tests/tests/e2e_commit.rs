@@ -21,6 +21,7 @@
 
 mod common;
 
+use pgstack::Queryable as _;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

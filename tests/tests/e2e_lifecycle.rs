@@ -13,6 +13,7 @@
 
 mod common;
 
+use pgstack::Queryable as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +72,7 @@ async fn storm_call(db: &Database, kind: u32, id: i64) -> Result<(), Error> {
                     tx.execute("INSERT INTO ledger (id, task) VALUES ($1, 3)", &[&id])
                         .await?;
                     tx.execute("SELECT 1/0", &[]).await?;
-                    Ok(())
+                    Ok::<_, pgstack::Error>(())
                 })
                 .await;
             match result {
@@ -344,7 +345,7 @@ async fn overload_of_ten_times_the_connections_times_out_with_the_cause_and_reco
         for _ in 0..20 {
             db.transaction("after", async |tx| {
                 tx.execute("SELECT 1", &[]).await?;
-                Ok(())
+                Ok::<_, pgstack::Error>(())
             })
             .await
             .unwrap();

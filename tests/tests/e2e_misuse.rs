@@ -17,6 +17,7 @@
 
 mod common;
 
+use pgstack::Queryable as _;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -183,7 +184,7 @@ async fn a_rollback_to_a_savepoint_recovers_a_failed_statement() {
         tx.execute("INSERT INTO orders VALUES (6, 'f')", &[])
             .await?;
         tx.batch_execute("RELEASE SAVEPOINT before_dup").await?;
-        Ok(())
+        Ok::<_, pgstack::Error>(())
     })
     .await
     .expect("recovered by the savepoint: committed");
@@ -341,7 +342,7 @@ async fn a_transaction_whose_nested_call_wrote_outside_it_is_not_run_again() {
                 )
                 .await?;
             tx.batch_execute(RAISE_40001).await?;
-            Ok(())
+            Ok::<_, pgstack::Error>(())
         })
         .await
         .expect_err("raised");
@@ -591,7 +592,7 @@ async fn set_config_with_a_parameter_for_is_local_is_refused() {
     db.transaction("scoped", async |tx| {
         tx.query("SELECT set_config('search_path', 'nowhere', true)", &[])
             .await?;
-        Ok(())
+        Ok::<_, pgstack::Error>(())
     })
     .await
     .unwrap();
@@ -740,7 +741,7 @@ async fn refused_forms(forms: &[&str], batch: bool) {
         }
         tx.execute("INSERT INTO orders VALUES (3, 'c')", &[])
             .await?;
-        Ok(())
+        Ok::<_, pgstack::Error>(())
     })
     .await
     .expect("refused statements do not doom the transaction");
@@ -1178,7 +1179,7 @@ async fn a_transaction_whose_connection_was_lost_before_commit_is_run_again() {
         if run == 0 {
             tx.query(KILL_MYSELF, &[]).await?;
         }
-        Ok(())
+        Ok::<_, pgstack::Error>(())
     })
     .await
     .expect("nothing committed the first time: run again");

@@ -11,6 +11,7 @@
 
 mod common;
 
+use pgstack::Queryable as _;
 use std::time::{Duration, Instant};
 
 use common::{Figures, Kinds, LEDGER_TABLE, Ledger, Rounds};
@@ -169,7 +170,7 @@ async fn restart_under_load_loses_and_duplicates_nothing_and_the_pool_recovers()
                 tokio::spawn(async move {
                     db.transaction("burst", async |tx| {
                         tx.query_one("SELECT count(*) FROM ledger", &[]).await?;
-                        Ok(())
+                        Ok::<_, pgstack::Error>(())
                     })
                     .await
                 })

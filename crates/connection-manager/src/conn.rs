@@ -16,12 +16,14 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::query::sealed::{Fetched, Sealed};
+use crate::query::{RowStream, StreamWatch};
 use crate::record::{Record, Sent};
 use crate::route::Op;
 
 /// What a statement should hand back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Want {
+pub enum Want {
     Rows,
     Count,
 }
@@ -137,33 +139,6 @@ pub(crate) fn count(got: Got) -> u64 {
     }
 }
 
-pub(crate) fn one(rows: Vec<Row>, node: &Node, op: &str) -> Result<Row, Error> {
-    let got = rows.len();
-    let mut rows = rows.into_iter();
-    match (rows.next(), got) {
-        (Some(row), 1) => Ok(row),
-        _ => Err(Error::UnexpectedRows {
-            node: Arc::clone(node.name_arc()),
-            operation: op.to_owned(),
-            expected: "exactly one row",
-            got,
-        }),
-    }
-}
-
-pub(crate) fn opt(rows: Vec<Row>, node: &Node, op: &str) -> Result<Option<Row>, Error> {
-    let got = rows.len();
-    if got > 1 {
-        return Err(Error::UnexpectedRows {
-            node: Arc::clone(node.name_arc()),
-            operation: op.to_owned(),
-            expected: "at most one row",
-            got,
-        });
-    }
-    Ok(rows.into_iter().next())
-}
-
 /// Awaits one round trip bounded by `$limit` (an `Option<Duration>`,
 /// `query.statement_timeout` plus a margin): past it, [`Error::Timeout`] for
 /// `$node` and `$op`, and the statement, which may still be running, leaves
@@ -216,138 +191,122 @@ pub(crate) fn excerpt(sql: &str) -> String {
     }
 }
 
-/// The query methods of [`Connection`] and [`Transaction`]; each goes
-/// through the type's `tracked`.
-macro_rules! query_methods {
-    ($target:ident) => {
-        /// Runs a statement and returns its rows.
-        ///
-        /// # Errors
-        /// [`Error::Database`] for a server error, [`Error::Connection`] when
-        /// the connection broke, [`Error::Timeout`] past
-        /// `query.statement_timeout` plus a margin, [`Error::Usage`] for a
-        /// refused statement or a parameter whose type cannot be told without
-        /// prepared statements.
-        pub async fn query(
-            &self,
-            sql: &str,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Vec<Row>, Error> {
-            let class = classify(sql);
-            let token = self.begin(sql, class)?;
-            let result = bounded!(
-                self.limit,
-                &self.node,
-                &self.op,
-                run_statement!(
-                    &self.$target,
-                    self.prepared,
-                    sql,
-                    params,
-                    Want::Rows,
-                    self.node.name_arc(),
-                    self.op.name(),
-                    self.probe(class)
-                )
-            );
-            self.end(token, sql, class, &result);
-            Ok(rows(result?))
+/// The methods besides [`Queryable`]'s that [`Connection`] and
+/// [`Transaction`] share (the simple protocol), and their implementation of
+/// [`Queryable`] (one statement, one stream); each goes through the type's
+/// `begin` and `end`. `$target` is the pool's connection or transaction.
+macro_rules! connection_methods {
+    ($type:ty, $target:ident) => {
+        impl $type {
+            /// Runs one or more statements with the simple protocol (no
+            /// parameters), discarding rows.
+            ///
+            /// # Errors
+            /// As [`Queryable::query`].
+            pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+                let class = classify(sql);
+                let token = self.begin(sql, class)?;
+                let result = bounded!(self.limit, &self.node, &self.op, async {
+                    self.$target.batch_execute(sql).await.map_err(|e| {
+                        Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
+                    })
+                });
+                self.end(token, sql, class, &result);
+                result
+            }
+
+            /// Runs one or more statements with the simple protocol (no
+            /// parameters) and returns their rows as text.
+            ///
+            /// # Errors
+            /// As [`Queryable::query`].
+            pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
+                let class = classify(sql);
+                let token = self.begin(sql, class)?;
+                let result = bounded!(self.limit, &self.node, &self.op, async {
+                    self.$target.simple_query(sql).await.map_err(|e| {
+                        Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
+                    })
+                });
+                self.end(token, sql, class, &result);
+                result
+            }
+
+            /// The node this runs on.
+            pub fn node(&self) -> &Node {
+                &self.node
+            }
         }
 
-        /// Runs a statement that returns exactly one row.
-        ///
-        /// # Errors
-        /// As [`Self::query`], and [`Error::UnexpectedRows`] for any other
-        /// number of rows.
-        pub async fn query_one(
-            &self,
-            sql: &str,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Row, Error> {
-            let rows = self.query(sql, params).await?;
-            one(rows, &self.node, self.op.name())
-        }
+        impl Sealed for $type {
+            fn fetch<'q>(
+                &'q self,
+                sql: &'q str,
+                params: &'q [&'q (dyn ToSql + Sync)],
+                want: Want,
+            ) -> impl Future<Output = Result<Fetched, Error>> + Send + 'q {
+                async move {
+                    let class = classify(sql);
+                    let token = self.begin(sql, class)?;
+                    let result = bounded!(
+                        self.limit,
+                        &self.node,
+                        &self.op,
+                        run_statement!(
+                            &self.$target,
+                            self.prepared,
+                            sql,
+                            params,
+                            want,
+                            self.node.name_arc(),
+                            self.op.name(),
+                            self.probe(class)
+                        )
+                    );
+                    self.end(token, sql, class, &result);
+                    Ok(Fetched {
+                        got: result?,
+                        node: Arc::clone(self.node.name_arc()),
+                    })
+                }
+            }
 
-        /// Runs a statement that returns at most one row.
-        ///
-        /// # Errors
-        /// As [`Self::query`], and [`Error::UnexpectedRows`] for more rows.
-        pub async fn query_opt(
-            &self,
-            sql: &str,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<Option<Row>, Error> {
-            let rows = self.query(sql, params).await?;
-            opt(rows, &self.node, self.op.name())
-        }
+            fn stream<'q>(
+                &'q self,
+                sql: &'q str,
+                params: &'q [&'q (dyn ToSql + Sync)],
+            ) -> impl Future<Output = Result<RowStream<'q>, Error>> + Send + 'q {
+                async move {
+                    let class = classify(sql);
+                    let token = self.begin(sql, class)?;
+                    let node = self.node.name_arc();
+                    let op = self.op.name();
+                    let result = bounded!(self.limit, &self.node, &self.op, async {
+                        if self.prepared {
+                            let statement = self
+                                .$target
+                                .prepare_cached(sql)
+                                .await
+                                .map_err(|e| Error::from_postgres(e, node, op, false))?;
+                            self.$target
+                                .query_raw(&statement, params)
+                                .await
+                                .map(|s| RowStream::live(s, node, &self.op, self.limit))
+                                .map_err(|e| Error::from_postgres(e, node, op, true))
+                        } else {
+                            run_unnamed!(&self.$target, sql, params, Want::Rows, node, op)
+                                .await
+                                .map(|got| RowStream::read(rows(got), node, &self.op))
+                        }
+                    });
+                    self.end(token, sql, class, &result);
+                    Ok(self.watch(result?, sql))
+                }
+            }
 
-        /// Runs a statement and returns the number of rows it affected.
-        ///
-        /// # Errors
-        /// As [`Self::query`].
-        pub async fn execute(
-            &self,
-            sql: &str,
-            params: &[&(dyn ToSql + Sync)],
-        ) -> Result<u64, Error> {
-            let class = classify(sql);
-            let token = self.begin(sql, class)?;
-            let result = bounded!(
-                self.limit,
-                &self.node,
-                &self.op,
-                run_statement!(
-                    &self.$target,
-                    self.prepared,
-                    sql,
-                    params,
-                    Want::Count,
-                    self.node.name_arc(),
-                    self.op.name(),
-                    self.probe(class)
-                )
-            );
-            self.end(token, sql, class, &result);
-            Ok(count(result?))
-        }
-
-        /// Runs one or more statements with the simple protocol (no
-        /// parameters), discarding rows.
-        ///
-        /// # Errors
-        /// As [`Self::query`].
-        pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
-            let class = classify(sql);
-            let token = self.begin(sql, class)?;
-            let result = bounded!(self.limit, &self.node, &self.op, async {
-                self.$target.batch_execute(sql).await.map_err(|e| {
-                    Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
-                })
-            });
-            self.end(token, sql, class, &result);
-            result
-        }
-
-        /// Runs one or more statements with the simple protocol (no
-        /// parameters) and returns their rows as text.
-        ///
-        /// # Errors
-        /// As [`Self::query`].
-        pub async fn simple_query(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, Error> {
-            let class = classify(sql);
-            let token = self.begin(sql, class)?;
-            let result = bounded!(self.limit, &self.node, &self.op, async {
-                self.$target.simple_query(sql).await.map_err(|e| {
-                    Error::from_postgres(e, self.node.name_arc(), self.op.name(), true)
-                })
-            });
-            self.end(token, sql, class, &result);
-            result
-        }
-
-        /// The node this runs on.
-        pub fn node(&self) -> &Node {
-            &self.node
+            fn operation(&self) -> &str {
+                self.op.name()
+            }
         }
     };
 }
@@ -388,9 +347,10 @@ impl fmt::Debug for Connection {
     }
 }
 
-impl Connection {
-    query_methods!(conn);
+connection_methods!(Connection, conn);
+connection_methods!(Transaction<'_>, tx);
 
+impl Connection {
     /// Nothing rides along a connection's statements.
     fn probe(&self, _class: StatementClass) -> Option<std::future::Ready<()>> {
         None
@@ -415,6 +375,54 @@ impl Connection {
         {
             record.not_sent(sent);
         }
+    }
+
+    /// A connection's streams need no watching.
+    fn watch<'q>(&self, stream: RowStream<'q>, _sql: &str) -> RowStream<'q> {
+        stream
+    }
+
+    /// Runs `sql` as a stream that keeps this connection, for the routed
+    /// handle's streams.
+    pub(crate) async fn into_stream(
+        self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream<'static>, Error> {
+        let class = classify(sql);
+        let sent = self.begin(sql, class)?;
+        let Connection {
+            conn,
+            node,
+            op,
+            prepared,
+            limit,
+            record,
+            ..
+        } = self;
+        let name = Arc::clone(node.name_arc());
+        let result = bounded!(limit, &node, &op, async {
+            if prepared {
+                let statement = conn
+                    .prepare_cached(sql)
+                    .await
+                    .map_err(|e| Error::from_postgres(e, &name, op.name(), false))?;
+                conn.into_row_stream(&statement, params)
+                    .await
+                    .map(|s| RowStream::live(s, &name, &op, limit))
+                    .map_err(|e| Error::from_postgres(e, &name, op.name(), true))
+            } else {
+                run_unnamed!(&conn, sql, params, Want::Rows, &name, op.name())
+                    .await
+                    .map(|got| RowStream::read(rows(got), &name, &op))
+            }
+        });
+        if let (Err(error), Some(record), Some(sent)) = (&result, &record, sent)
+            && error.provably_not_sent()
+        {
+            record.not_sent(sent);
+        }
+        result
     }
 
     /// Everything sent through the raw connection counts as a write.
@@ -459,6 +467,10 @@ pub(crate) struct Failure {
     pub(crate) reason: String,
     /// Its SQLSTATE, for a server error.
     pub(crate) code: Option<String>,
+    /// Repeating the work may succeed ([`Error::is_transient`]).
+    pub(crate) transient: bool,
+    /// A round trip ran out.
+    pub(crate) timed_out: bool,
 }
 
 #[derive(Debug, Default)]
@@ -525,8 +537,6 @@ impl<'a> Transaction<'a> {
         }
     }
 
-    query_methods!(tx);
-
     /// For a statement that may write, until the transaction's id is known:
     /// [`XACT_PROBE_SQL`], sent right behind the statement in the same round
     /// trip. Its answer (the id, the WAL position after the write, the
@@ -588,11 +598,18 @@ impl<'a> Transaction<'a> {
                         statement: excerpt(sql),
                         reason: error.to_string(),
                         code: error.code().map(str::to_owned),
+                        transient: error.is_transient(),
+                        timed_out: matches!(error, Error::Timeout { .. }),
                     });
                 }
             }
             Err(_) => {}
         }
+    }
+
+    /// A stream's failure dooms the transaction, as a statement's does.
+    fn watch<'q>(&'q self, stream: RowStream<'q>, sql: &str) -> RowStream<'q> {
+        stream.watched(self, sql)
     }
 
     /// The pool's transaction, to commit or roll back.
@@ -606,6 +623,21 @@ impl<'a> Transaction<'a> {
     pub(crate) fn health(&self) -> (Option<Failure>, u32) {
         let health = lock(&self.health);
         (health.failed.clone(), health.unseen)
+    }
+}
+
+impl StreamWatch for Transaction<'_> {
+    fn failed(&self, sql: &str, error: &Error) {
+        let mut health = lock(&self.health);
+        if dooms(error) && health.failed.is_none() {
+            health.failed = Some(Failure {
+                statement: excerpt(sql),
+                reason: error.to_string(),
+                code: error.code().map(str::to_owned),
+                transient: error.is_transient(),
+                timed_out: matches!(error, Error::Timeout { .. }),
+            });
+        }
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use pgstack_pool::{AcquirePhase, PoolError};
 
+use crate::row::RowError;
+
 /// SQLSTATE codes (besides class `08`, connection exceptions) after which
 /// repeating the work may succeed.
 ///
@@ -347,6 +349,26 @@ pub enum Error {
         /// Rows returned.
         got: usize,
     },
+    /// A row could not be read into the caller's type (`query_as` and its
+    /// kin): `column`, the Rust type it was read as and its PostgreSQL type
+    /// (`None` when the row has no such column); `source` says what went
+    /// wrong. The statement ran: nothing to retry.
+    #[error("`{operation}` on {node}: {source}")]
+    RowMapping {
+        /// The node.
+        node: Arc<str>,
+        /// The operation.
+        operation: String,
+        /// The column.
+        column: String,
+        /// The Rust type.
+        rust_type: String,
+        /// The column's PostgreSQL type, when the row has the column.
+        pg_type: Option<String>,
+        /// What went wrong, in full.
+        #[source]
+        source: Box<RowError>,
+    },
     /// The caller's closure gave up with an error of its own (see
     /// [`Error::abort`]); the transaction was rolled back. Never retried.
     #[error("aborted by the caller: {0}")]
@@ -460,6 +482,7 @@ impl Error {
             | Error::RolledBack { node, .. }
             | Error::Client { node, .. }
             | Error::UnexpectedRows { node, .. }
+            | Error::RowMapping { node, .. }
             | Error::PartiallyApplied { node, .. }
             | Error::TransactionAborted { node, .. }
             | Error::Pool { node, .. } => Some(node),
@@ -553,6 +576,18 @@ impl Error {
                 sent,
                 source,
             },
+        }
+    }
+
+    /// A row that could not be read into the caller's type.
+    pub(crate) fn row_mapping(source: RowError, node: &Arc<str>, operation: &str) -> Error {
+        Error::RowMapping {
+            node: Arc::clone(node),
+            operation: operation.to_owned(),
+            column: source.column.clone(),
+            rust_type: source.rust_type.clone(),
+            pg_type: source.pg_type.clone(),
+            source: Box::new(source),
         }
     }
 

@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use pgstack_config::DatabaseConfig;
-//! use pgstack_connection::{Cluster, Error, Op, Route};
+//! use pgstack_connection::{Cluster, Error, Op, Queryable, Route};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut config = DatabaseConfig::for_tests("postgres://app:secret@db-primary/bills")?;
@@ -16,9 +16,12 @@
 //! let cluster = Cluster::connect(&config).await?;
 //!
 //! // Every call names its operation. Reads go to a replica within the lag
-//! // limit (or the primary), writes to the primary.
+//! // limit (or the primary), writes to the primary. `on` is the routed
+//! // handle; its methods are those of `Queryable`, which a `Transaction` and
+//! // a `Connection` share.
 //! let unpaid: Vec<tokio_postgres::Row> = cluster
-//!     .query("fetch-bills", Route::Read, "SELECT id FROM bills WHERE NOT paid", &[])
+//!     .on("fetch-bills", Route::Read)
+//!     .query("SELECT id FROM bills WHERE NOT paid", &[])
 //!     .await?;
 //!
 //! // A write that hands back its WAL position; reading with it never sees
@@ -36,7 +39,7 @@
 //! cluster
 //!     .transaction("pay-bill", async |tx| {
 //!         tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&42_i64]).await?;
-//!         Ok(())
+//!         Ok::<_, Error>(())
 //!     })
 //!     .await?;
 //!
@@ -107,8 +110,10 @@ mod lanes;
 mod node;
 mod observe;
 mod params;
+mod query;
 mod record;
 mod route;
+mod row;
 mod sqlcheck;
 mod statements;
 mod stats;
@@ -121,7 +126,9 @@ pub use crate::observe::{
     LOOK_AGAIN_AFTER, OBSERVE_QUERY, Observation, ObserveError, ReplicaLag, observe,
     observe_replica, replica_lag,
 };
+pub use crate::query::{Bound, Queryable, Routed, RowStream, Statement};
 pub use crate::route::{InvalidWalPosition, Op, Route, WalPosition};
+pub use crate::row::{FromRow, RowError, RowProblem, column};
 pub use crate::stats::{
     COMMIT_RESOLUTIONS_METRIC, ClusterMetrics, CommitResolutions, FAILOVERS_METRIC, NodeMetrics,
     QUERIES_METRIC, QUERY_DURATION_METRIC, QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pgstack_connection::Queryable as _;
 use pgstack_connection::{
     Cluster, Error, IsolationLevel, Op, Route, TransactionOptions, tokio_postgres,
 };
@@ -193,7 +194,7 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
             tx.execute("INSERT INTO bills VALUES (1, 'ada', 1)", &[])
                 .await?;
             let row = tx.query_one("SELECT count(*) FROM bills", &[]).await?;
-            Ok(row.get::<_, i64>(0))
+            Ok::<_, pgstack_connection::Error>(row.get::<_, i64>(0))
         })
         .await
         .unwrap();
@@ -221,7 +222,7 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
                 .await?;
             tx.execute("INSERT INTO bills VALUES (1, 'dup', 1)", &[])
                 .await?;
-            Ok(())
+            Ok::<_, pgstack_connection::Error>(())
         })
         .await
         .unwrap_err();
@@ -238,7 +239,7 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
                 if tx.node().name() == "primary" {
                     panic!("boom");
                 }
-                Ok(())
+                Ok::<_, pgstack_connection::Error>(())
             })
             .await
     })
@@ -253,7 +254,7 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
             tx.execute("INSERT INTO bills VALUES (5, 'eve', 1)", &[])
                 .await?;
             tx.execute("SELECT pg_sleep(5)", &[]).await?;
-            Ok(())
+            Ok::<_, pgstack_connection::Error>(())
         }),
     )
     .await;
@@ -283,10 +284,11 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
         .read_only(true);
     let level: String = cluster
         .transaction_with("options", options, async |tx| {
-            Ok(tx
-                .query_one("SHOW transaction_isolation", &[])
-                .await?
-                .get(0))
+            Ok::<_, pgstack_connection::Error>(
+                tx.query_one("SHOW transaction_isolation", &[])
+                    .await?
+                    .get(0),
+            )
         })
         .await
         .unwrap();
@@ -295,7 +297,7 @@ async fn transactions_commit_on_ok_and_roll_back_on_err_panic_and_drop() {
         .transaction_with("ro-write", options, async |tx| {
             tx.execute("INSERT INTO bills VALUES (6, 'fay', 1)", &[])
                 .await?;
-            Ok(())
+            Ok::<_, pgstack_connection::Error>(())
         })
         .await
         .unwrap_err();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use pgstack_connection::Queryable as _;
 use pgstack_connection::{Cluster, Error, IsolationLevel, Route, TransactionOptions};
 use pgstack_tests::{ChaosProxy, ProxyMode, TestCluster, TestDb};
 
@@ -241,7 +242,7 @@ async fn serializable_transactions_under_conflict_commit_exactly_once() {
                             &[&task, &i, &n],
                         )
                         .await?;
-                        Ok(())
+                        Ok::<_, pgstack_connection::Error>(())
                     })
                     .await
                     .unwrap();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use pgstack_connection::Queryable as _;
 use pgstack_connection::{Cluster, Route};
 use pgstack_tests::{TestCluster, TestDb};
 
@@ -198,7 +199,7 @@ async fn the_query_api_works_behind_pgbouncer_in_transaction_mode() {
                 .query_one("SELECT name FROM items WHERE id = $1", &[&1_i64])
                 .await?;
             assert_eq!(row.get::<_, &str>(0), "renamed");
-            Ok(())
+            Ok::<_, pgstack_connection::Error>(())
         })
         .await
         .unwrap();

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Pair, eventually};
+use pgstack_connection::Queryable as _;
 use pgstack_connection::{Cluster, Error, Role, Route, TransactionOptions};
 
 async fn in_recovery(cluster: &Cluster, route: Route) -> Result<bool, Error> {
@@ -39,7 +40,7 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
     let rw = cluster
         .transaction("rw", async |tx| {
             let row = tx.query_one("SELECT pg_is_in_recovery()", &[]).await?;
-            Ok(row.get::<_, bool>(0))
+            Ok::<_, pgstack_connection::Error>(row.get::<_, bool>(0))
         })
         .await
         .unwrap();
@@ -50,7 +51,7 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
             TransactionOptions::new().read_only(true),
             async |tx| {
                 let row = tx.query_one("SELECT pg_is_in_recovery()", &[]).await?;
-                Ok(row.get::<_, bool>(0))
+                Ok::<_, pgstack_connection::Error>(row.get::<_, bool>(0))
             },
         )
         .await

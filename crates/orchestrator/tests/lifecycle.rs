@@ -3,6 +3,7 @@
 //! the database, failing fast, status with a stopped replica and with a
 //! read-only primary, shutdown with queries in flight.
 
+use pgstack_connection::Queryable as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -57,16 +57,34 @@ pub fn router(db: Database, prometheus: PrometheusHandle) -> Router {
         .with_state(AppState { db, prometheus })
 }
 
+/// The example's statements: name, route and text said once.
+const CREATE_NOTES: Statement = Statement::write(
+    "create-notes",
+    "CREATE TABLE IF NOT EXISTS example_notes (id bigserial PRIMARY KEY, body text NOT NULL)",
+);
+const ADD_NOTE: &str = "INSERT INTO example_notes (body) VALUES ($1)";
+const COUNT_NOTES: Statement = Statement::read(
+    "count-notes",
+    "SELECT count(*) AS count, pg_is_in_recovery() AS from_replica FROM example_notes",
+);
+const NOW: Statement = Statement::read("http-now", "SELECT now()::text AS now");
+
+/// The answer of `GET /notes/count`, read by column name: a column of
+/// another type is an `Error::RowMapping` naming it, never a panic.
+#[derive(FromRow, serde::Serialize)]
+struct NoteCount {
+    count: i64,
+    from_replica: bool,
+}
+
+#[derive(FromRow)]
+struct Now {
+    now: String,
+}
+
 /// The example's table (a real service would have it in a migration).
 pub async fn create_schema(db: &Database) -> Result<(), Error> {
-    db.execute(
-        "create-notes",
-        Route::Write,
-        "CREATE TABLE IF NOT EXISTS example_notes (id bigserial PRIMARY KEY, body text NOT NULL)",
-        &[],
-    )
-    .await
-    .map(|_| ())
+    db.run(&CREATE_NOTES).execute(&[]).await.map(|_| ())
 }
 
 /// An error as a response: 503 while shutting down, 500 otherwise.
@@ -83,11 +101,7 @@ fn failed(what: &str, error: &Error) -> Response {
 async fn add_note(State(state): State<AppState>, body: String) -> Response {
     let written = state
         .db
-        .execute_tracked(
-            "add-note",
-            "INSERT INTO example_notes (body) VALUES ($1)",
-            &[&body],
-        )
+        .execute_tracked("add-note", ADD_NOTE, &[&body])
         .await;
     match written {
         Ok((_, position)) => (
@@ -114,22 +128,12 @@ async fn count_notes(State(state): State<AppState>, headers: HeaderMap) -> Respo
     };
     let counted = state
         .db
-        .query_one(
-            "count-notes",
-            route,
-            "SELECT count(*), pg_is_in_recovery() FROM example_notes",
-            &[],
-        )
+        .run(&COUNT_NOTES)
+        .route(route)
+        .query_one_as::<NoteCount>(&[])
         .await;
     match counted {
-        Ok(row) => match (row.try_get::<_, i64>(0), row.try_get::<_, bool>(1)) {
-            (Ok(count), Ok(from_replica)) => Json(serde_json::json!({
-                "count": count,
-                "from_replica": from_replica,
-            }))
-            .into_response(),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "unexpected columns").into_response(),
-        },
+        Ok(count) => Json(count).into_response(),
         Err(error) => failed("GET /notes/count", &error),
     }
 }
@@ -153,15 +157,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn now(State(state): State<AppState>) -> Response {
-    match state
-        .db
-        .query_one("http-now", Route::Read, "SELECT now()::text", &[])
-        .await
-    {
-        Ok(row) => match row.try_get::<_, String>(0) {
-            Ok(now) => now.into_response(),
-            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
-        },
+    match state.db.run(&NOW).query_one_as::<Now>(&[]).await {
+        Ok(Now { now }) => now.into_response(),
         Err(error) => failed("GET /now", &error),
     }
 }

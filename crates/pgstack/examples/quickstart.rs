@@ -8,7 +8,21 @@
 
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use pgstack::prelude::*;
+
+/// A note, read from a row by column name.
+#[derive(Debug, FromRow)]
+struct Note {
+    id: i64,
+    body: String,
+}
+
+/// A declared statement: name, route and text said once.
+const SHOW_NOTE: Statement = Statement::read(
+    "show-note",
+    "SELECT id, body FROM quickstart_notes WHERE id = $1",
+);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -25,41 +39,53 @@ async fn main() -> anyhow::Result<()> {
         .connect()
         .await?;
 
-    // Reads go to a replica when there is one, writes to the primary.
-    db.execute(
-        "create-notes",
-        Route::Write,
-        "CREATE TABLE IF NOT EXISTS quickstart_notes (id bigserial PRIMARY KEY, body text NOT NULL)",
-        &[],
-    )
-    .await?;
+    // Reads go to a replica when there is one, writes to the primary. The
+    // operation's name labels logs, spans and metrics.
+    db.on("create-notes", Route::Write)
+        .execute(
+            "CREATE TABLE IF NOT EXISTS quickstart_notes (id bigserial PRIMARY KEY, body text NOT NULL)",
+            &[],
+        )
+        .await?;
 
     // Committed on Ok, rolled back on Err; retried whole on serialization
-    // failures.
+    // failures. The closure's error type is the service's own (anything
+    // with `From<pgstack::Error>`; here anyhow's).
     let id: i64 = db
-        .transaction("add-note", async |tx| {
-            let row = tx
-                .query_one(
-                    "INSERT INTO quickstart_notes (body) VALUES ($1) RETURNING id",
+        .transaction("add-note", async |tx| -> anyhow::Result<i64> {
+            let note: Note = tx
+                .query_one_as(
+                    "INSERT INTO quickstart_notes (body) VALUES ($1) RETURNING id, body",
                     &[&"hello from pgstack"],
                 )
                 .await?;
-            Ok(row.get(0))
+            anyhow::ensure!(!note.body.is_empty(), "an empty note");
+            Ok(note.id)
         })
         .await?;
 
-    // Read your own write, even from a replica that lags.
+    // Read your own write, even from a replica that lags; the row read by
+    // column name into a struct (a mismatch is an error naming the column
+    // and both types, never a panic).
     let position = db.wal_position("after-add-note").await?;
-    let body: String = db
-        .query_one(
-            "show-note",
-            Route::ReadAfter(position),
-            "SELECT body FROM quickstart_notes WHERE id = $1",
-            &[&id],
-        )
-        .await?
-        .get(0);
-    println!("note {id}: {body}");
+    let note: Note = db
+        .run(&SHOW_NOTE)
+        .route(Route::ReadAfter(position))
+        .query_one_as(&[&id])
+        .await?;
+    println!("note {}: {}", note.id, note.body);
+
+    // Large results as a stream, read as they arrive.
+    let mut notes = db
+        .on("all-notes", Route::Read)
+        .query_stream("SELECT id, body FROM quickstart_notes", &[])
+        .await?;
+    let mut count = 0;
+    while let Some(_row) = notes.try_next().await? {
+        count += 1;
+    }
+    drop(notes);
+    println!("{count} notes in all");
 
     // Status and metrics, as a status page would show them.
     println!("{}", serde_json::to_string_pretty(&db.status().await)?);

@@ -9,7 +9,8 @@ use pgstack_config::{ConfigLoader, DatabaseConfig, Environment};
 use pgstack_connection::tokio_postgres::Row;
 use pgstack_connection::tokio_postgres::types::ToSql;
 use pgstack_connection::{
-    Cluster, Connection, Error, Op, Route, Transaction, TransactionOptions, WalPosition,
+    Bound, Cluster, Connection, Error, Op, Queryable, Route, Routed, Statement, Transaction,
+    TransactionOptions, WalPosition,
 };
 use pgstack_orchestrator::{
     Health, LifecycleState, Metrics, Orchestrator, ShutdownReport, StartError, StartEvent,
@@ -255,10 +256,55 @@ impl Database {
 
     // ----- queries --------------------------------------------------------
 
-    /// Runs a statement and returns its rows. [`Route::Read`] goes to a
-    /// replica within the lag limit (or the primary), [`Route::Write`] to the
-    /// primary. Reads are retried on transient errors; writes only when
-    /// nothing was sent or the [`Op`] is idempotent.
+    /// The handle for statements of operation `op` on the node `route` picks:
+    /// [`Route::Read`] goes to a replica within the lag limit (or the
+    /// primary), [`Route::Write`] to the primary. It implements
+    /// [`Queryable`](crate::Queryable) (`query`, `query_one`, `query_opt`,
+    /// `execute`, `query_as`, `query_one_as`, `query_opt_as`,
+    /// `query_stream`), like a [`Transaction`] and a [`Connection`]. Reads are
+    /// retried on transient errors; writes only when nothing was sent or the
+    /// [`Op`] is idempotent.
+    ///
+    /// ```no_run
+    /// # async fn run(db: pgstack::Database) -> Result<(), pgstack::Error> {
+    /// use pgstack::prelude::*;
+    ///
+    /// #[derive(FromRow)]
+    /// struct Bill {
+    ///     id: i64,
+    ///     note: Option<String>,
+    /// }
+    ///
+    /// let bills: Vec<Bill> = db
+    ///     .on("open-bills", Route::Read)
+    ///     .query_as("SELECT id, note FROM bills WHERE NOT paid", &[])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on(&self, op: impl Into<Op>, route: Route) -> Routed<'_> {
+        self.cluster().on(op, route)
+    }
+
+    /// The handle for a declared [`Statement`] (name, route, idempotency
+    /// and text said once, as a constant).
+    ///
+    /// ```no_run
+    /// # async fn run(db: pgstack::Database) -> Result<(), pgstack::Error> {
+    /// use pgstack::prelude::*;
+    ///
+    /// const OPEN_BILLS: Statement =
+    ///     Statement::read("open-bills", "SELECT id FROM bills WHERE NOT paid");
+    ///
+    /// let open = db.run(&OPEN_BILLS).query(&[]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn run(&self, statement: &Statement) -> Bound<'_> {
+        self.cluster().run(statement)
+    }
+
+    /// The per-call form of `db.on(op, route).query(sql, params)`, for
+    /// ad-hoc statements; older code uses it (as do `query_one`,
+    /// `query_opt` and `execute` below).
     ///
     /// # Errors
     /// Any [`Error`]; [`Error::CommitOutcomeUnknown`] when a write's
@@ -271,10 +317,10 @@ impl Database {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
-        self.cluster().query(op, route, sql, params).await
+        self.on(op, route).query(sql, params).await
     }
 
-    /// Runs a statement that returns exactly one row.
+    /// `db.on(op, route).query_one(sql, params)`, per call.
     ///
     /// # Errors
     /// As [`Database::query`], and [`Error::UnexpectedRows`].
@@ -285,10 +331,10 @@ impl Database {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error> {
-        self.cluster().query_one(op, route, sql, params).await
+        self.on(op, route).query_one(sql, params).await
     }
 
-    /// Runs a statement that returns at most one row.
+    /// `db.on(op, route).query_opt(sql, params)`, per call.
     ///
     /// # Errors
     /// As [`Database::query`], and [`Error::UnexpectedRows`].
@@ -299,10 +345,10 @@ impl Database {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error> {
-        self.cluster().query_opt(op, route, sql, params).await
+        self.on(op, route).query_opt(sql, params).await
     }
 
-    /// Runs a statement and returns the number of rows it affected.
+    /// `db.on(op, route).execute(sql, params)`, per call.
     ///
     /// # Errors
     /// As [`Database::query`].
@@ -313,7 +359,7 @@ impl Database {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error> {
-        self.cluster().execute(op, route, sql, params).await
+        self.on(op, route).execute(sql, params).await
     }
 
     /// Runs a write on the primary and returns, with the rows affected, a
@@ -367,11 +413,54 @@ impl Database {
     /// back on `Err`, panic or drop; retried as a whole on `40001`/`40P01`.
     /// A connection lost during `COMMIT` gives [`Error::CommitOutcomeUnknown`].
     ///
+    /// The closure may return the service's own error type `E` (anything
+    /// with `From<pgstack::Error>`), so `?` works on both: an `Err` rolls
+    /// back and comes back as it is; the transaction is still repeated when
+    /// a statement in it failed with a serialization failure or a deadlock
+    /// (the [`Transaction`] recorded it). Name the error type once, on the
+    /// closure (`async |tx| -> Result<_, AppError>`) or on `Ok::<_, Error>`.
+    /// In `tokio::spawn` or an axum handler, write `async move |tx|` and
+    /// move owned values in.
+    ///
+    /// ```no_run
+    /// # use pgstack::prelude::*;
+    /// #[derive(Debug)]
+    /// enum AppError {
+    ///     Db(pgstack::Error),
+    ///     InsufficientFunds,
+    /// }
+    /// impl From<pgstack::Error> for AppError {
+    ///     fn from(e: pgstack::Error) -> Self { AppError::Db(e) }
+    /// }
+    ///
+    /// # async fn run(db: Database) -> Result<(), AppError> {
+    /// #[derive(FromRow)]
+    /// struct Account {
+    ///     balance: i64,
+    /// }
+    ///
+    /// db.transaction("pay-bill", async |tx| -> Result<(), AppError> {
+    ///     let account: Account = tx
+    ///         .query_one_as("SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", &[&1_i64])
+    ///         .await?;
+    ///     if account.balance < 10 {
+    ///         return Err(AppError::InsufficientFunds); // rolled back, returned as it is
+    ///     }
+    ///     tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&1_i64])
+    ///         .await?;
+    ///     Ok(())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
-    /// The last attempt's error; [`Error::Aborted`] for the caller's own.
-    pub async fn transaction<T, F>(&self, op: impl Into<Op>, work: F) -> Result<T, Error>
+    /// The closure's own error, or the last attempt's [`Error`] converted
+    /// into `E`.
+    pub async fn transaction<T, E, F>(&self, op: impl Into<Op>, work: F) -> Result<T, E>
     where
-        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+        E: From<Error> + Send + 'static,
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     {
         self.cluster().transaction(op, work).await
     }
@@ -381,14 +470,15 @@ impl Database {
     ///
     /// # Errors
     /// As [`Database::transaction`].
-    pub async fn transaction_with<T, F>(
+    pub async fn transaction_with<T, E, F>(
         &self,
         op: impl Into<Op>,
         options: TransactionOptions,
         work: F,
-    ) -> Result<T, Error>
+    ) -> Result<T, E>
     where
-        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+        E: From<Error> + Send + 'static,
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     {
         self.cluster().transaction_with(op, options, work).await
     }

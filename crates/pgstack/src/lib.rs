@@ -19,12 +19,29 @@
 //!     .await?;
 //!
 //! // Every call names its operation: it labels logs, spans and metrics.
-//! let open: Vec<Row> = db
-//!     .query("open-bills", Route::Read, "SELECT id FROM bills WHERE NOT paid", &[])
+//! // `db.on(op, route)` is the routed handle; rows are read into structs by
+//! // column name (a mismatch is an `Error::RowMapping` naming the column and
+//! // both types, never a panic).
+//! #[derive(FromRow)]
+//! struct Bill {
+//!     id: i64,
+//!     note: Option<String>,
+//! }
+//! let open: Vec<Bill> = db
+//!     .on("open-bills", Route::Read)
+//!     .query_as("SELECT id, note FROM bills WHERE NOT paid", &[])
 //!     .await?;
 //!
-//! db.transaction("pay-bill", async |tx| {
-//!     tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&7_i64]).await?;
+//! // Or declare the statement once: name, route, idempotency and text.
+//! const PAY: Statement =
+//!     Statement::write("pay-bill", "UPDATE bills SET paid = true WHERE id = $1").idempotent();
+//! db.run(&PAY).execute(&[&7_i64]).await?;
+//!
+//! // A transaction: committed on Ok, rolled back on Err, panic or drop,
+//! // retried whole on serialization failures. The closure's error type is
+//! // the service's own (anything with `From<pgstack::Error>`).
+//! db.transaction("pay-bill", async |tx| -> Result<(), Error> {
+//!     tx.execute(&PAY, &[&7_i64]).await?;
 //!     Ok(())
 //! })
 //! .await?;
@@ -42,6 +59,26 @@
 //!
 //! Keep one [`Database`] per service and clone it into handlers: clones
 //! share the pools.
+//!
+//! # Queries
+//!
+//! One trait, [`Queryable`], is the query surface of the routed handle
+//! ([`Database::on`], and [`Database::run`] for a declared [`Statement`]), of
+//! a [`Transaction`] and of a [`Connection`]: `query`, `query_one`,
+//! `query_opt`, `execute`, the typed `query_as`, `query_one_as`,
+//! `query_opt_as` (`T: FromRow`, derived with `#[derive(FromRow)]`), and
+//! `query_stream` (rows as they arrive, with back-pressure; on a connection
+//! of its own for the routed handle). It is in the [`prelude`]; write
+//! helpers once for all three with `&impl Queryable`. Every future is `Send`
+//! (`tests/send.rs` spawns each call shape); in `tokio::spawn` or an axum
+//! handler, a transaction closure that uses the caller's values is written
+//! `async move |tx|`.
+//!
+//! Older forms that remain: `db.query(op, route, sql, params)` and its kin
+//! `query_one`, `query_opt`, `execute` (the per-call form of
+//! `db.on(op, route)`, kept for ad-hoc statements), and [`Error::abort`] /
+//! [`Error::aborted_with`] (a transaction closure can now return the
+//! service's own error type instead).
 //!
 //! # Routing
 //!
@@ -107,13 +144,18 @@ mod database;
 
 pub use crate::database::{Database, DatabaseBuilder, connect};
 
-// Queries and their errors.
+// Queries, typed rows and their errors.
 pub use pgstack_connection::tokio_postgres::Row;
 pub use pgstack_connection::tokio_postgres::types::{FromSql, ToSql};
 pub use pgstack_connection::{
-    Cluster, ClusterMetrics, CommitResolutions, Connection, DbError, Error, IsolationLevel,
-    NodeMetrics, Op, Role, Route, Transaction, TransactionOptions, WalPosition,
+    Bound, Cluster, ClusterMetrics, CommitResolutions, Connection, DbError, Error, FromRow,
+    IsolationLevel, NodeMetrics, Op, Queryable, Role, Route, Routed, RowError, RowProblem,
+    RowStream, Statement, Transaction, TransactionOptions, WalPosition, column,
 };
+/// `#[derive(FromRow)]`: a struct read from a row, column by name
+/// (`#[pgstack(rename = "..")]`, `#[pgstack(flatten)]`, `Option` for a
+/// nullable column); see [`FromRow`].
+pub use pgstack_macros::FromRow;
 
 // Health monitoring.
 #[cfg(feature = "health")]
@@ -146,8 +188,9 @@ pub use pgstack_resilience as resilience;
 /// What most services need: `use pgstack::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Database, Error, Health, NodeHealth, Op, Route, Row, ShutdownReport, StartError, Status,
-        ToSql, Transaction, TransactionOptions, WalPosition,
+        Database, Error, FromRow, Health, NodeHealth, Op, Queryable, Route, Row, RowStream,
+        ShutdownReport, StartError, Statement, Status, ToSql, Transaction, TransactionOptions,
+        WalPosition,
     };
 }
 

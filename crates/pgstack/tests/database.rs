@@ -50,7 +50,7 @@ async fn connect_from_the_environment_with_overrides_and_use_it() {
                     &[&"ada@example.org", &"Ada"],
                 )
                 .await?;
-            Ok(row.get(0))
+            Ok::<_, pgstack::Error>(row.get(0))
         })
         .await
         .unwrap();
@@ -215,7 +215,7 @@ async fn the_futures_of_calls_stay_small() {
     }));
     let transaction = std::mem::size_of_val(&db.transaction("t", async |tx| {
         tx.execute("SELECT 1", &[]).await?;
-        Ok(())
+        Ok::<_, pgstack::Error>(())
     }));
     let conn = db.connection("c", Route::Read).await.unwrap();
     let statement = std::mem::size_of_val(&conn.query("SELECT 1", &[]));

@@ -16,6 +16,7 @@ use tokio_postgres::{Client, Error, Row, SimpleQueryMessage, Statement, ToStatem
 use crate::pool::{Manager, Shared};
 use crate::sql::{self, Session, StatementClass};
 use crate::status::CloseReason;
+use crate::stream::{Holder, RowStream};
 
 /// Session state: no transaction, nothing in flight.
 const IDLE: u8 = 0;
@@ -44,7 +45,7 @@ pub(crate) struct PgConnection {
     pub(crate) cache_generation: u64,
     state: AtomicU8,
     session: AtomicU8,
-    in_flight: AtomicU32,
+    pub(crate) in_flight: AtomicU32,
     /// A helper transaction was dropped unfinished: roll it back before the
     /// next statement on this checkout.
     stale_transaction: AtomicBool,
@@ -164,7 +165,7 @@ impl PgConnection {
     /// count is lowered only when the result arrived
     /// ([`PgConnection::after_request`]), so a future dropped in between
     /// leaves the connection flagged. (See [`run`].)
-    async fn before_request(&self, class: Option<StatementClass>) -> Result<(), Error> {
+    pub(crate) async fn before_request(&self, class: Option<StatementClass>) -> Result<(), Error> {
         self.roll_back_if(self.stale_transaction.load(Ordering::Acquire))
             .await?;
         if let Some(class) = class {
@@ -175,7 +176,7 @@ impl PgConnection {
     }
 
     /// After one request's result arrived.
-    fn after_request<T>(&self, result: &Result<T, Error>) {
+    pub(crate) fn after_request<T>(&self, result: &Result<T, Error>) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if let Err(e) = result {
             // A server error leaves the protocol in step and the transaction
@@ -227,6 +228,13 @@ impl Drop for PgConnection {
         );
         self.shared.stats.closed(reason);
     }
+}
+
+/// Parameters as tokio-postgres's `query_raw` takes them.
+fn params_iter<'p>(
+    params: &'p [&'p (dyn ToSql + Sync)],
+) -> impl ExactSizeIterator<Item = &'p dyn ToSql> {
+    params.iter().map(|p| *p as &dyn ToSql)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -527,6 +535,31 @@ macro_rules! query_methods {
             run!(pg, class, pg.client.execute(statement, params))
         }
 
+        /// Runs a statement and hands back its rows as they arrive (see
+        /// [`RowStream`]): the connection counts as busy until the stream
+        /// ends.
+        pub async fn query_raw<T>(
+            &self,
+            statement: &T,
+            params: &[&(dyn ToSql + Sync)],
+        ) -> Result<RowStream<'_>, Error>
+        where
+            T: ?Sized + StatementText,
+        {
+            let pg = self.pg();
+            let class = PgConnection::class_of(statement);
+            pg.before_request(class).await?;
+            let result = pg
+                .client
+                .query_raw(statement, params_iter(params))
+                .await
+                .map(|stream| RowStream::new(stream, Holder::Borrowed(pg)));
+            if result.is_err() {
+                pg.after_request(&result);
+            }
+            result
+        }
+
         /// Runs one or more statements with the simple protocol, discarding rows.
         pub async fn batch_execute(&self, query: &str) -> Result<(), Error> {
             let pg = self.pg();
@@ -544,7 +577,7 @@ macro_rules! query_methods {
 }
 
 impl PooledConnection {
-    fn pg(&self) -> &PgConnection {
+    pub(crate) fn pg(&self) -> &PgConnection {
         match &self.conn {
             Some(conn) => conn,
             // The connection is only taken out in Drop.
@@ -603,6 +636,30 @@ impl PooledConnection {
                 Err(e)
             }
         }
+    }
+
+    /// [`PooledConnection::query_raw`] keeping the checkout: it goes back to
+    /// the pool when the stream is dropped (rolled back first if the stream
+    /// did not end).
+    pub async fn into_row_stream<T>(
+        self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream<'static>, Error>
+    where
+        T: ?Sized + StatementText,
+    {
+        let stream = {
+            let pg = self.pg();
+            let class = PgConnection::class_of(statement);
+            pg.before_request(class).await?;
+            let result = pg.client.query_raw(statement, params_iter(params)).await;
+            if result.is_err() {
+                pg.after_request(&result);
+            }
+            result?
+        };
+        Ok(RowStream::new(stream, Holder::Owned(Box::new(self))))
     }
 
     /// The raw tokio-postgres client, for what the methods here do not

@@ -66,6 +66,7 @@ mod leak;
 mod pool;
 mod sql;
 mod status;
+mod stream;
 mod tls;
 
 pub use crate::conn::{
@@ -82,6 +83,7 @@ pub use crate::status::{
     ClosedCounts, LEAKS_METRIC, PoolStatus, ROLLBACKS_METRIC, SESSION_RESETS_METRIC,
     TIMEOUTS_METRIC,
 };
+pub use crate::stream::RowStream;
 pub use tokio_postgres;
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ impl Cluster {
     ///
     /// ```no_run
     /// # async fn run(cluster: pgstack_connection::Cluster) -> Result<(), pgstack_connection::Error> {
+    /// use pgstack_connection::Queryable;
     /// let total: i64 = cluster
     ///     .read("count-bills", async |conn| {
     ///         let row = conn.query_one("SELECT count(*) FROM bills", &[]).await?;

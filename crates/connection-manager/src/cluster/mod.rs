@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::lanes::{Lane, Lanes, Pick, Reserved};
 use crate::node::{Node, Role};
 use crate::observe::{Observation, ObserveError, observe, observe_replica};
+use crate::query::{Queryable, RowStream};
 use crate::record::{self, Effect, Enclosing, Record};
 use crate::route::{Op, Route, WalPosition};
 use crate::sqlcheck;

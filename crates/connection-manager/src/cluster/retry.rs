@@ -146,6 +146,22 @@ impl Classify<Error> for CallRules<'_> {
         {
             return ErrorClass::Permanent;
         }
+        // The caller's own error: read as the failed statement it followed.
+        if let Error::Aborted(reason) = error
+            && let Some(caller) = reason.downcast_ref::<super::transaction::CallerError>()
+        {
+            return match &caller.0 {
+                Some(failure) if failure.timed_out => ErrorClass::TransientNotRepeatable,
+                Some(failure) if failure.transient => {
+                    if self.idempotent || self.effect(error) <= Effect::Read {
+                        ErrorClass::Transient
+                    } else {
+                        ErrorClass::TransientNotRepeatable
+                    }
+                }
+                _ => ErrorClass::Permanent,
+            };
+        }
         match error {
             Error::CommitOutcomeUnknown { .. }
             | Error::PartiallyApplied { .. }

@@ -45,19 +45,12 @@ pub(super) struct Statement<'a> {
 pub(super) type Done = (Got, Option<Result<WalPosition, Error>>);
 
 impl Cluster {
-    /// Runs a statement on the node `route` picks and returns its rows.
-    ///
-    /// Plain reads and writes share a few pipelined connections per node;
-    /// other statements (DDL, `COPY`, `DO`, ...) take a connection of their
-    /// own; statements that control transactions or change or read the
-    /// session (`BEGIN`, `SET`, temporary tables, `LISTEN`, `currval`, ...)
-    /// are refused ([`Error::Usage`], saying what to use instead). Retried as
-    /// `docs/connection.md` says: reads on any transient error, writes only
-    /// when nothing was sent or the operation is [`Op::idempotent`].
+    /// Runs a statement on the node `route` picks and returns its rows: the
+    /// per-call form of `self.on(op, route).query(sql, params)` ([`Cluster::on`],
+    /// [`crate::Queryable::query`]), for ad-hoc statements.
     ///
     /// # Errors
-    /// Any [`Error`]; a write whose connection was lost (or whose round trip
-    /// ran out) in flight gives [`Error::CommitOutcomeUnknown`].
+    /// As [`crate::Queryable::query`] on a [`crate::Routed`].
     pub async fn query(
         &self,
         op: impl Into<Op>,
@@ -65,17 +58,13 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
-        let op = op.into();
-        let ((got, _), _) = self
-            .statement(&op, route, sql, params, Want::Rows, false)
-            .await?;
-        Ok(conn::rows(got))
+        self.on(op, route).query(sql, params).await
     }
 
-    /// Runs a statement that returns exactly one row.
+    /// `self.on(op, route).query_one(sql, params)`, per call.
     ///
     /// # Errors
-    /// As [`Cluster::query`], and [`Error::UnexpectedRows`].
+    /// As [`crate::Queryable::query_one`].
     pub async fn query_one(
         &self,
         op: impl Into<Op>,
@@ -83,17 +72,13 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, Error> {
-        let op = op.into();
-        let ((got, _), node) = self
-            .statement(&op, route, sql, params, Want::Rows, false)
-            .await?;
-        conn::one(conn::rows(got), &node, op.name())
+        self.on(op, route).query_one(sql, params).await
     }
 
-    /// Runs a statement that returns at most one row.
+    /// `self.on(op, route).query_opt(sql, params)`, per call.
     ///
     /// # Errors
-    /// As [`Cluster::query`], and [`Error::UnexpectedRows`].
+    /// As [`crate::Queryable::query_opt`].
     pub async fn query_opt(
         &self,
         op: impl Into<Op>,
@@ -101,17 +86,13 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, Error> {
-        let op = op.into();
-        let ((got, _), node) = self
-            .statement(&op, route, sql, params, Want::Rows, false)
-            .await?;
-        conn::opt(conn::rows(got), &node, op.name())
+        self.on(op, route).query_opt(sql, params).await
     }
 
-    /// Runs a statement and returns the number of rows it affected.
+    /// `self.on(op, route).execute(sql, params)`, per call.
     ///
     /// # Errors
-    /// As [`Cluster::query`].
+    /// As [`crate::Queryable::execute`].
     pub async fn execute(
         &self,
         op: impl Into<Op>,
@@ -119,11 +100,35 @@ impl Cluster {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, Error> {
-        let op = op.into();
-        let ((got, _), _) = self
-            .statement(&op, route, sql, params, Want::Count, false)
-            .await?;
-        Ok(conn::count(got))
+        self.on(op, route).execute(sql, params).await
+    }
+
+    /// A statement as a stream on a connection of its own (never a shared
+    /// one: a half-read stream would hold up everything behind it), kept
+    /// until the stream is dropped. Only the checkout is retried.
+    pub(crate) async fn stream(
+        &self,
+        op: &Op,
+        route: Route,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<RowStream<'static>, Error> {
+        let profile = statements::profile(sql);
+        if let Some(problem) = sqlcheck::refusal(&profile.class, sql) {
+            return Err(Error::Usage {
+                operation: op.name().to_owned(),
+                problem,
+            });
+        }
+        let conn = self.connection(op.clone(), route).await?;
+        let node = conn.node().clone();
+        let started = Instant::now();
+        let result = conn.into_stream(sql, params).await;
+        self.slow_check(op, route, &node, started, sql, params);
+        match result {
+            Ok(stream) => Ok(stream),
+            Err(error) => Err(self.after_failure(&node, op, error, true).await),
+        }
     }
 
     /// Runs a write on the primary and hands back, with the number of rows
@@ -176,7 +181,7 @@ impl Cluster {
         conn::bounded!(limit, &node, &op, position_on(&conn, &node, &op))
     }
 
-    async fn statement(
+    pub(crate) async fn statement(
         &self,
         op: &Op,
         route: Route,

@@ -1,6 +1,7 @@
 //! Transactions: a closure between `BEGIN` and `COMMIT`.
 
 use super::*;
+use crate::conn::Failure;
 
 /// The body of [`Cluster::run_transaction`] and its kin: the span, the
 /// call's record and rules, the deadline a broken `COMMIT` is looked up
@@ -161,6 +162,7 @@ impl Cluster {
     ///
     /// ```no_run
     /// # async fn run(cluster: pgstack_connection::Cluster) -> Result<(), pgstack_connection::Error> {
+    /// use pgstack_connection::Queryable;
     /// cluster
     ///     .transaction("pay-bill", async |tx| {
     ///         tx.execute("UPDATE bills SET paid = true WHERE id = $1", &[&7_i64]).await?;
@@ -171,13 +173,22 @@ impl Cluster {
     /// # Ok(()) }
     /// ```
     ///
+    /// The closure returns `Result<T, E>` for the service's own `E: From<Error>`
+    /// (`async |tx| -> Result<_, AppError> { .. }`): `?` works on pgstack's
+    /// errors and the service's alike; an `Err` rolls back and comes back as
+    /// it is, and the whole transaction is still repeated when a statement in
+    /// it had failed with a serialization failure or a deadlock (the
+    /// [`Transaction`] records its first failed statement, which the retry
+    /// rules read).
+    ///
     /// # Errors
-    /// The last attempt's error; [`Error::Aborted`] for the caller's own;
+    /// The closure's own error; else the last attempt's [`Error`] as `E`:
     /// [`Error::TransactionAborted`]; [`Error::Usage`] for transaction
     /// control inside the closure.
-    pub async fn transaction<T, F>(&self, op: impl Into<Op>, work: F) -> Result<T, Error>
+    pub async fn transaction<T, E, F>(&self, op: impl Into<Op>, work: F) -> Result<T, E>
     where
-        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+        E: From<Error> + Send + 'static,
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     {
         self.transaction_with(op, TransactionOptions::new(), work)
             .await
@@ -188,14 +199,15 @@ impl Cluster {
     ///
     /// # Errors
     /// As [`Cluster::transaction`].
-    pub async fn transaction_with<T, F>(
+    pub async fn transaction_with<T, E, F>(
         &self,
         op: impl Into<Op>,
         options: TransactionOptions,
         work: F,
-    ) -> Result<T, Error>
+    ) -> Result<T, E>
     where
-        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+        E: From<Error> + Send + 'static,
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     {
         self.run_transaction(op.into(), options, work)
             .await
@@ -203,20 +215,50 @@ impl Cluster {
     }
 
     /// [`Cluster::transaction_with`], also handing back the node it ran on.
-    pub(super) async fn run_transaction<T, F>(
+    ///
+    /// The closure's own error (`E`) ends the attempt: rolled back, and
+    /// repeated only when a statement of the transaction had failed in a way
+    /// that is worth repeating (the wrapper recorded it: a serialization
+    /// failure, a deadlock, a broken connection), as if that statement's
+    /// error had been returned. `E` being pgstack's [`Error`] itself, it is
+    /// read directly.
+    pub(super) async fn run_transaction<T, E, F>(
         &self,
         op: Op,
         options: TransactionOptions,
         work: F,
-    ) -> Result<(T, Node), Error>
+    ) -> Result<(T, Node), E>
     where
-        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, Error>,
+        E: From<Error> + Send + 'static,
+        F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     {
         let work = &tokio::sync::Mutex::new(work);
-        run_transaction!(self, op, options, |attempting, record| {
+        // The caller's error of the last attempt that ended with one.
+        let own = &std::sync::Mutex::new(None::<E>);
+        let result = run_transaction!(self, op, options, |attempting, record| {
             let mut work = work.lock().await;
-            attempt_transaction!(self, attempting, record, |tx| work(tx))
-        })
+            attempt_transaction!(self, attempting, record, |tx| async {
+                match work(&mut *tx).await {
+                    Ok(value) => Ok(value),
+                    Err(error) => match into_pgstack(error) {
+                        Ok(error) => Err(error),
+                        Err(error) => {
+                            let (failed, _) = tx.health();
+                            *lock(own) = Some(error);
+                            Err(Error::Aborted(Box::new(CallerError(failed))))
+                        }
+                    },
+                }
+            })
+        });
+        match result {
+            Ok(done) => Ok(done),
+            Err(Error::Aborted(reason)) if reason.is::<CallerError>() => match lock(own).take() {
+                Some(error) => Err(error),
+                None => Err(E::from(Error::Aborted(reason))),
+            },
+            Err(error) => Err(E::from(error)),
+        }
     }
 
     /// One statement of an [`Op::resolvable`] operation as a transaction on
@@ -340,3 +382,48 @@ struct Attempting<'a> {
 
 /// How long a broken `COMMIT` is looked up when the call has no deadline.
 const RESOLVE_WITHOUT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The caller's error, if it is pgstack's [`Error`] (read as one), or back.
+fn into_pgstack<E: 'static>(error: E) -> Result<Error, E> {
+    let mut slot = Some(error);
+    if let Some(inner) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Error>>()
+        && let Some(error) = inner.take()
+    {
+        return Ok(error);
+    }
+    match slot {
+        Some(error) => Err(error),
+        // Only taken when it was an `Error`, returned above.
+        None => Ok(Error::Usage {
+            operation: String::new(),
+            problem: "the transaction closure's error was lost".to_owned(),
+        }),
+    }
+}
+
+/// Stands in, inside the retry loop, for an error of the caller's own type:
+/// it carries the transaction's first failed statement (if any), which the
+/// retry rules read ([`CallRules::classify`]) as they would its error.
+#[derive(Debug)]
+pub(super) struct CallerError(pub(super) Option<Failure>);
+
+impl fmt::Display for CallerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(failure) => write!(
+                f,
+                "the transaction closure returned its own error after `{}` failed: {}",
+                failure.statement, failure.reason
+            ),
+            None => f.write_str("the transaction closure returned its own error"),
+        }
+    }
+}
+
+impl std::error::Error for CallerError {}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
