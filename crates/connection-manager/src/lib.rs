@@ -113,7 +113,10 @@ mod sqlcheck;
 mod statements;
 mod stats;
 
-pub use crate::cluster::{CloseReport, Cluster, ClusterBuilder};
+pub use crate::cluster::{
+    BinaryCopyIn, CloseReport, Cluster, ClusterBuilder, CopyIn, CopyOut, LISTENER_DROPPED_METRIC,
+    LISTENER_RECONNECTS_METRIC, Listener, ListenerEvent, MAX_CHANNEL_LEN, Notification,
+};
 pub use crate::conn::{Connection, Transaction};
 pub use crate::error::{DbError, Error, TRANSIENT_SQLSTATES, is_transient_sqlstate};
 pub use crate::node::{Node, Role};

@@ -186,7 +186,9 @@ async fn a_database_that_is_down_fails_fast_with_a_clear_error() {
     // The cause comes first, then what to do about it.
     let message = error.to_string();
     assert!(
-        message.starts_with(&format!("nothing listens on 127.0.0.1:{port} (connection refused)")),
+        message.starts_with(&format!(
+            "nothing listens on 127.0.0.1:{port} (connection refused)"
+        )),
         "{message}"
     );
     assert!(message.contains("fix the port"), "{message}");

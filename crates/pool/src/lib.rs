@@ -75,7 +75,7 @@ pub use crate::conn::{
 pub use crate::error::{
     AcquirePhase, AcquireTimeout, ConfigError, ConnectError, LastConnectError, PoolError,
 };
-pub use crate::pool::{Pool, PoolBuilder};
+pub use crate::pool::{DedicatedConnection, Pool, PoolBuilder};
 pub use crate::sql::{Session, StatementClass, StatementKind, classify, first_keyword};
 pub use crate::status::{
     ACQUIRE_SECONDS_METRIC, CLOSED_METRIC, CONNECTIONS_METRIC, CREATED_METRIC, CloseReason,

@@ -121,6 +121,7 @@ impl ClusterBuilder {
                 drained: Notify::new(),
                 discovery: tokio::sync::Mutex::new(()),
                 discovery_epoch: AtomicU64::new(0),
+                listeners: tokio::sync::watch::Sender::new(false),
             }),
         };
         if let Err(e) = cluster.discover("pgstack-connect").await {
