@@ -631,7 +631,11 @@ fn the_start_up_wait_is_read_from_the_environment_and_none_by_default() {
 
 #[test]
 fn telemetry_query_text_is_a_boolean_per_profile_and_reported_with_its_source() {
-    let p = env_problem("PGSTACK_TELEMETRY__QUERY_TEXT", "sometimes", "telemetry.query_text");
+    let p = env_problem(
+        "PGSTACK_TELEMETRY__QUERY_TEXT",
+        "sometimes",
+        "telemetry.query_text",
+    );
     assert_eq!(p.value.as_deref(), Some("sometimes"));
     let p = file_problem("telemetry.query_txt = true", "telemetry.query_txt");
     assert!(p.message.contains("query_text"), "{p}");

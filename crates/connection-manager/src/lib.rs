@@ -112,6 +112,7 @@ mod route;
 mod sqlcheck;
 mod statements;
 mod stats;
+mod telemetry;
 
 pub use crate::cluster::{
     BinaryCopyIn, CloseReport, Cluster, ClusterBuilder, CopyIn, CopyOut, LISTENER_DROPPED_METRIC,
@@ -129,6 +130,7 @@ pub use crate::stats::{
     COMMIT_RESOLUTIONS_METRIC, ClusterMetrics, CommitResolutions, FAILOVERS_METRIC, NodeMetrics,
     QUERIES_METRIC, QUERY_DURATION_METRIC, QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
 };
+pub use crate::telemetry::{DB_SYSTEM, OPERATION_DURATION_METRIC};
 pub use pgstack_pool::{AcquirePhase, IsolationLevel, PoolError, PoolStatus, TransactionOptions};
 /// The state of a node's circuit breaker ([`Node::circuit_breaker`]).
 pub use pgstack_resilience::BreakerState;

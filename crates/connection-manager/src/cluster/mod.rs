@@ -71,6 +71,8 @@ pub(super) struct Settings {
     check_timeout: Duration,
     /// How long a `ReadAfter` read waits for a replica to catch up.
     read_after_wait: Duration,
+    /// `telemetry.query_text`: the SQL on the span as `db.query.text`.
+    query_text: bool,
 }
 
 pub(crate) struct ClusterInner {
@@ -392,6 +394,7 @@ pub(super) fn record_attempt(node: &Node, attempt: u32) {
     let span = tracing::Span::current();
     span.record("node", node.name());
     span.record("attempt", attempt);
+    crate::telemetry::record_node(&span, node);
     tracing::trace!(node = node.name(), attempt, "attempt");
 }
 
