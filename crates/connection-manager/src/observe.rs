@@ -317,7 +317,14 @@ mod tests {
             .build_lazy()
             .unwrap_or_else(|e| panic!("{e}"));
         let lanes = crate::lanes::Lanes::new(0, Duration::from_millis(5));
-        let node = Node::new(1, "replica-1".into(), Role::Replica, pool, lanes, attributes);
+        let node = Node::new(
+            1,
+            "replica-1".into(),
+            Role::Replica,
+            pool,
+            lanes,
+            attributes,
+        );
         let seen = |identity: &str, replayed: u64| {
             Observation::from_columns([
                 Some("t"),

@@ -35,7 +35,8 @@ pub const DB_SYSTEM: &str = "postgresql";
 
 /// A call's span with every OpenTelemetry attribute declared (those known
 /// later recorded as they become known). `otel.kind = "client"` makes
-/// tracing-opentelemetry export it as a client span.
+/// tracing-opentelemetry export it as a client span, and
+/// `otel.status_code = "error"` marks a failed one.
 macro_rules! call_span {
     ($name:literal, $op:expr, $route:expr) => {
         tracing::debug_span!(
@@ -53,6 +54,7 @@ macro_rules! call_span {
             "server.address" = tracing::field::Empty,
             "server.port" = tracing::field::Empty,
             "error.type" = tracing::field::Empty,
+            "otel.status_code" = tracing::field::Empty,
         )
     };
 }
@@ -186,6 +188,7 @@ pub(crate) fn finished(op: &Op, node: Option<&Node>, elapsed: Duration, error: O
         let kind = error_kind(error);
         if !span.is_disabled() {
             span.record("error.type", code.as_deref().unwrap_or(kind));
+            span.record("otel.status_code", "error");
             if let Some(code) = &code {
                 span.record("db.response.status_code", code.as_str());
             }
