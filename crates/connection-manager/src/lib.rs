@@ -88,6 +88,17 @@
 //!   statement gives [`Error::TransactionAborted`]; `COMMIT` is checked in
 //!   the same round trip, and resolved with `txid_status` when its
 //!   connection breaks.
+//! - **LISTEN/NOTIFY** ([`Cluster::listener`], [`Cluster::notify`]): a
+//!   listener on a connection outside the pools that re-connects, listens
+//!   again and reports the gap ([`ListenerEvent::Reconnected`]).
+//! - **COPY** ([`Cluster::copy_in`], [`Cluster::copy_in_binary`],
+//!   [`Cluster::copy_out`], and on [`Connection`]): on a connection of its
+//!   own, closed when the copy is abandoned half-way.
+//! - **OpenTelemetry**: each call's span carries the stable database
+//!   attributes (`db.system.name`, `db.namespace`, `db.operation.name`,
+//!   `db.query.text` with `telemetry.query_text`, `db.response.status_code`,
+//!   `server.address`, `server.port`, `error.type`), and each call is timed
+//!   in [`OPERATION_DURATION_METRIC`].
 //! - **Bounds**: every round trip, inside transactions and closures too, ends
 //!   within `query.statement_timeout` plus half the connect timeout.
 //! - **Behind PgBouncer** (`query.prepared_statements = false`): statements
