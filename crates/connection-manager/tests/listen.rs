@@ -279,3 +279,37 @@ async fn a_listener_whose_caller_falls_behind_reports_what_it_dropped() {
     assert_eq!(next_notification(&mut listener).await.payload, "1");
     cluster.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn after_a_failover_the_listener_follows_the_new_primary() {
+    let pair = common::Pair::start().await;
+    let cluster = Cluster::connect(&pair.config()).await.unwrap();
+    let mut listener = cluster.listener(["jobs"]).await.unwrap();
+    cluster.notify("jobs", "before").await.unwrap();
+    assert_eq!(next_notification(&mut listener).await.payload, "before");
+
+    // The primary goes away for good; the replica is promoted.
+    pair.primary.stop().await.unwrap();
+    pair.replica.promote().await.unwrap();
+    match next(&mut listener).await {
+        ListenerEvent::Reconnected { node, down_for } => {
+            assert_eq!(&*node, "replica-1");
+            eprintln!("listener moved to the new primary after {down_for:?}");
+        }
+        other => panic!("expected the move to be reported, got {other:?}"),
+    }
+    let sent = async {
+        loop {
+            match cluster.notify("jobs", "after").await {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("notify during the failover: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, sent).await.unwrap();
+    assert_eq!(next_notification(&mut listener).await.payload, "after");
+    cluster.close(Duration::from_secs(5)).await;
+}
