@@ -156,8 +156,9 @@ pub(crate) fn error_kind(error: &Error) -> &'static str {
     }
 }
 
-/// Records the node an attempt runs on, on the call's span.
-pub(crate) fn record_node(span: &tracing::Span, node: &Node) {
+/// Records the node that answered the call, on the call's span (once: an
+/// exporter keeps every value recorded).
+fn record_node(span: &tracing::Span, node: &Node) {
     if span.is_disabled() {
         return;
     }

@@ -394,7 +394,6 @@ pub(super) fn record_attempt(node: &Node, attempt: u32) {
     let span = tracing::Span::current();
     span.record("node", node.name());
     span.record("attempt", attempt);
-    crate::telemetry::record_node(&span, node);
     tracing::trace!(node = node.name(), attempt, "attempt");
 }
 
