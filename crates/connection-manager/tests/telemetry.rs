@@ -230,6 +230,7 @@ async fn statements_carry_the_database_conventions_on_success_and_failure() {
     assert!(!series(pgstack_pool::CONNECTION_MAX_METRIC).is_empty());
     assert!(!series(pgstack_pool::CONNECTION_WAIT_METRIC).is_empty());
     assert!(!series(pgstack_pool::CONNECTION_USE_METRIC).is_empty());
+    assert!(!series(pgstack_pool::CONNECTION_CREATE_METRIC).is_empty());
     cluster.close(Duration::from_secs(5)).await;
 }
 

@@ -16,6 +16,8 @@ pub const CONNECTION_MAX_METRIC: &str = "db.client.connection.max";
 pub const CONNECTION_TIMEOUTS_METRIC: &str = "db.client.connection.timeouts";
 /// Histogram of the time to get a connection, in seconds.
 pub const CONNECTION_WAIT_METRIC: &str = "db.client.connection.wait_time";
+/// Histogram of the time to open a connection (TCP, TLS, login), in seconds.
+pub const CONNECTION_CREATE_METRIC: &str = "db.client.connection.create_time";
 /// Histogram of how long a connection was checked out, in seconds.
 pub const CONNECTION_USE_METRIC: &str = "db.client.connection.use_time";
 
@@ -25,6 +27,7 @@ pub(crate) struct PoolSeries {
     used: Gauge,
     timeouts: Counter,
     wait: Histogram,
+    create: Histogram,
     used_for: Histogram,
 }
 
@@ -43,6 +46,7 @@ impl PoolSeries {
             used: metrics::gauge!(CONNECTION_COUNT_METRIC, state("used")),
             timeouts: metrics::counter!(CONNECTION_TIMEOUTS_METRIC, vec![pool.clone()]),
             wait: metrics::histogram!(CONNECTION_WAIT_METRIC, vec![pool.clone()]),
+            create: metrics::histogram!(CONNECTION_CREATE_METRIC, vec![pool.clone()]),
             used_for: metrics::histogram!(CONNECTION_USE_METRIC, vec![pool]),
         }
     }
@@ -59,6 +63,10 @@ impl PoolSeries {
     pub(crate) fn timed_out(&self, waited: Duration) {
         self.timeouts.increment(1);
         self.wait.record(waited.as_secs_f64());
+    }
+
+    pub(crate) fn created_in(&self, took: Duration) {
+        self.create.record(took.as_secs_f64());
     }
 
     pub(crate) fn used_for(&self, held: Duration) {

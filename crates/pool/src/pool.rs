@@ -187,10 +187,12 @@ impl Manager {
         let shared = &self.shared;
         let _connecting = Counted::new(&shared.connecting);
         let timeout = shared.settings.connect_timeout;
+        let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.postgres.connect()).await {
             Ok(Ok(client)) => {
                 shared.connect_failing.store(false, Ordering::Release);
                 let now = Instant::now();
+                shared.stats.created_in(now - started);
                 return Ok(PgConnection::new(
                     client,
                     shared.deadline(now),

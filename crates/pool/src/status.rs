@@ -261,6 +261,11 @@ impl Stats {
         self.publish_gauges();
     }
 
+    /// A connection was opened in `took` (TCP, TLS, login).
+    pub(crate) fn created_in(&self, took: Duration) {
+        self.otel.created_in(took);
+    }
+
     /// A checkout ends after `held`.
     pub(crate) fn used_for(&self, held: Duration) {
         self.otel.used_for(held);
