@@ -78,6 +78,7 @@ pub use crate::secret::{Password, REDACTED};
 pub use crate::settings::{
     CheckoutValidation, CircuitBreakerSettings, DatabaseConfig, FeatureSettings, HealthSettings,
     Jitter, KeepaliveSettings, MigrationSettings, NodeSettings, NodeUrlError, PoolSettings,
-    Profile, QuerySettings, RetrySettings, SlidingWindow, StartupSettings, TlsMode, TlsSettings,
+    Profile, QuerySettings, RetrySettings, SlidingWindow, StartupSettings, TelemetrySettings,
+    TlsMode, TlsSettings,
 };
 pub use crate::validate::{MAX_LOCK_RETRIES, MAX_LOCK_WAIT, MAX_POOL_SIZE};

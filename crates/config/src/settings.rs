@@ -41,6 +41,8 @@ pub struct DatabaseConfig {
     pub startup: StartupSettings,
     /// Switches for optional behaviour.
     pub features: FeatureSettings,
+    /// What spans and metrics carry (OpenTelemetry's database conventions).
+    pub telemetry: TelemetrySettings,
 }
 
 impl Default for DatabaseConfig {
@@ -81,6 +83,9 @@ impl DatabaseConfig {
             },
             startup: StartupSettings::default(),
             features: FeatureSettings::default(),
+            telemetry: TelemetrySettings {
+                query_text: profile.query_text,
+            },
         }
     }
 
@@ -108,6 +113,8 @@ pub struct Profile {
     pub auto_migrate: bool,
     /// `health.interval`.
     pub health_interval: Duration,
+    /// `telemetry.query_text`.
+    pub query_text: bool,
 }
 
 impl Profile {
@@ -120,6 +127,7 @@ impl Profile {
                 tls_mode: TlsMode::Disable,
                 auto_migrate: true,
                 health_interval: Duration::from_secs(30),
+                query_text: true,
             },
             Environment::Test => Profile {
                 min_idle: 1,
@@ -127,6 +135,7 @@ impl Profile {
                 tls_mode: TlsMode::Disable,
                 auto_migrate: true,
                 health_interval: Duration::from_secs(5),
+                query_text: true,
             },
             Environment::Staging => Profile {
                 min_idle: 3,
@@ -134,6 +143,7 @@ impl Profile {
                 tls_mode: TlsMode::Prefer,
                 auto_migrate: false,
                 health_interval: Duration::from_secs(30),
+                query_text: true,
             },
             Environment::Production => Profile {
                 min_idle: 5,
@@ -141,6 +151,7 @@ impl Profile {
                 tls_mode: TlsMode::Require,
                 auto_migrate: false,
                 health_interval: Duration::from_secs(15),
+                query_text: false,
             },
         }
     }
@@ -707,6 +718,25 @@ pub struct StartupSettings {
     /// backoff, before it gives up; none to fail fast (the default).
     #[serde(with = "humantime_serde")]
     pub wait_for_database: Option<Duration>,
+}
+
+/// What spans and metrics carry, beside the `pgstack_` names:
+/// OpenTelemetry's stable database conventions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Record each statement's SQL as the span attribute `db.query.text`
+    /// (parameter values never). Per profile: on, except in production (a
+    /// statement's text may still hold literals someone typed in).
+    pub query_text: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            query_text: Profile::of(Environment::Development).query_text,
+        }
+    }
 }
 
 /// Switches for optional behaviour.

@@ -628,3 +628,36 @@ fn the_start_up_wait_is_read_from_the_environment_and_none_by_default() {
     );
     assert!(p.message.contains("\"none\""), "{p}");
 }
+
+#[test]
+fn telemetry_query_text_is_a_boolean_per_profile_and_reported_with_its_source() {
+    let p = env_problem(
+        "PGSTACK_TELEMETRY__QUERY_TEXT",
+        "sometimes",
+        "telemetry.query_text",
+    );
+    assert_eq!(p.value.as_deref(), Some("sometimes"));
+    let p = file_problem("telemetry.query_txt = true", "telemetry.query_txt");
+    assert!(p.message.contains("query_text"), "{p}");
+
+    // On by default except in production; a variable turns it on there.
+    let production = [("APP_ENV", "production"), ("DB_SSLMODE", "verify-full")];
+    let explained = load_env(&production).unwrap();
+    assert!(!explained.config().telemetry.query_text);
+    assert_eq!(
+        explained.entry("telemetry.query_text").unwrap().source(),
+        &pgstack_config::Source::Profile(pgstack_config::Environment::Production)
+    );
+    for environment in ["development", "test", "staging"] {
+        let explained = load_env(&[("APP_ENV", environment)]).unwrap();
+        assert!(explained.config().telemetry.query_text, "{environment}");
+    }
+    let mut on = production.to_vec();
+    on.push(("PGSTACK_TELEMETRY__QUERY_TEXT", "true"));
+    let explained = load_env(&on).unwrap();
+    assert!(explained.config().telemetry.query_text);
+    assert_eq!(
+        explained.entry("telemetry.query_text").unwrap().source(),
+        &env("PGSTACK_TELEMETRY__QUERY_TEXT")
+    );
+}

@@ -83,6 +83,9 @@ pub struct DbError {
     pub table: Option<String>,
     /// The column concerned, if any.
     pub column: Option<String>,
+    /// Where it happened, as the server says (`COPY bills, line 3, column
+    /// id: "x"`; a function's call stack), if it said.
+    pub context: Option<String>,
     /// The error as tokio-postgres reported it.
     pub source: tokio_postgres::Error,
 }
@@ -102,6 +105,9 @@ impl fmt::Display for DbError {
         }
         if let Some(constraint) = &self.constraint {
             write!(f, " (constraint: {constraint})")?;
+        }
+        if let Some(context) = &self.context {
+            write!(f, " (context: {context})")?;
         }
         Ok(())
     }
@@ -561,6 +567,7 @@ impl Error {
                 constraint: db.constraint().map(str::to_owned),
                 table: db.table().map(str::to_owned),
                 column: db.column().map(str::to_owned),
+                context: db.where_().map(str::to_owned),
                 source,
             }));
         }

@@ -91,6 +91,17 @@
 //!   statement gives [`Error::TransactionAborted`]; `COMMIT` is checked in
 //!   the same round trip, and resolved with `txid_status` when its
 //!   connection breaks.
+//! - **LISTEN/NOTIFY** ([`Cluster::listener`], [`Cluster::notify`]): a
+//!   listener on a connection outside the pools that re-connects, listens
+//!   again and reports the gap ([`ListenerEvent::Reconnected`]).
+//! - **COPY** ([`Cluster::copy_in`], [`Cluster::copy_in_binary`],
+//!   [`Cluster::copy_out`], and on [`Connection`]): on a connection of its
+//!   own, closed when the copy is abandoned half-way.
+//! - **OpenTelemetry**: each call's span carries the stable database
+//!   attributes (`db.system.name`, `db.namespace`, `db.operation.name`,
+//!   `db.query.text` with `telemetry.query_text`, `db.response.status_code`,
+//!   `server.address`, `server.port`, `error.type`), and each call is timed
+//!   in [`OPERATION_DURATION_METRIC`].
 //! - **Bounds**: every round trip, inside transactions and closures too, ends
 //!   within `query.statement_timeout` plus half the connect timeout.
 //! - **Behind PgBouncer** (`query.prepared_statements = false`): statements
@@ -117,8 +128,12 @@ mod row;
 mod sqlcheck;
 mod statements;
 mod stats;
+mod telemetry;
 
-pub use crate::cluster::{CloseReport, Cluster, ClusterBuilder};
+pub use crate::cluster::{
+    BinaryCopyIn, CloseReport, Cluster, ClusterBuilder, CopyIn, CopyOut, LISTENER_DROPPED_METRIC,
+    LISTENER_RECONNECTS_METRIC, Listener, ListenerEvent, MAX_CHANNEL_LEN, Notification,
+};
 pub use crate::conn::{Connection, Transaction};
 pub use crate::error::{DbError, Error, TRANSIENT_SQLSTATES, is_transient_sqlstate};
 pub use crate::node::{Node, Role};
@@ -133,6 +148,7 @@ pub use crate::stats::{
     COMMIT_RESOLUTIONS_METRIC, ClusterMetrics, CommitResolutions, FAILOVERS_METRIC, NodeMetrics,
     QUERIES_METRIC, QUERY_DURATION_METRIC, QUERY_RETRIES_METRIC, SLOW_QUERIES_METRIC,
 };
+pub use crate::telemetry::{DB_SYSTEM, OPERATION_DURATION_METRIC};
 pub use pgstack_pool::{AcquirePhase, IsolationLevel, PoolError, PoolStatus, TransactionOptions};
 /// The state of a node's circuit breaker ([`Node::circuit_breaker`]).
 pub use pgstack_resilience::BreakerState;

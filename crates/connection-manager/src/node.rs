@@ -83,6 +83,8 @@ pub(crate) struct NodeInner {
     pub(crate) queries: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) lanes: Lanes,
+    /// Where the node is, for OpenTelemetry's attributes.
+    pub(crate) attributes: crate::telemetry::NodeAttributes,
 }
 
 impl fmt::Debug for Node {
@@ -104,6 +106,7 @@ impl Node {
         configured: Role,
         pool: Pool,
         lanes: Lanes,
+        attributes: crate::telemetry::NodeAttributes,
     ) -> Node {
         Node {
             inner: Arc::new(NodeInner {
@@ -121,6 +124,7 @@ impl Node {
                 queries: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 lanes,
+                attributes,
             }),
         }
     }

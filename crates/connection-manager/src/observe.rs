@@ -312,11 +312,19 @@ mod tests {
     async fn another_server_behind_a_node_starts_its_replay_position_over() {
         let settings = pgstack_config::NodeSettings::from_url("postgres://app@127.0.0.1:1/app")
             .unwrap_or_else(|e| panic!("{e}"));
+        let attributes = crate::telemetry::NodeAttributes::new(&settings);
         let pool = pgstack_pool::Pool::builder(settings)
             .build_lazy()
             .unwrap_or_else(|e| panic!("{e}"));
         let lanes = crate::lanes::Lanes::new(0, Duration::from_millis(5));
-        let node = Node::new(1, "replica-1".into(), Role::Replica, pool, lanes);
+        let node = Node::new(
+            1,
+            "replica-1".into(),
+            Role::Replica,
+            pool,
+            lanes,
+            attributes,
+        );
         let seen = |identity: &str, replayed: u64| {
             Observation::from_columns([
                 Some("t"),

@@ -47,6 +47,15 @@ pub(crate) fn refusal(class: &StatementClass, sql: &str) -> Option<String> {
         // The server will say what is wrong with it.
         return None;
     }
+    if let Session::Changes("LISTEN/UNLISTEN") = class.session() {
+        return Some(format!(
+            "`{}` would listen on a connection that goes back to the pool (or is shared), \
+             where notifications would reach nobody; use a listener: Database::listener / \
+             Cluster::listener(channels), on a connection of its own that re-connects and \
+             LISTENs again, and Database::notify / Cluster::notify to send",
+            statement()
+        ));
+    }
     match class.session() {
         // DO and CALL run on a connection of their own, reset afterwards.
         Session::Neutral | Session::MayChange(_) => None,
@@ -93,7 +102,8 @@ mod tests {
             ("SET search_path = x", "SET LOCAL"),
             ("reset all", "Cluster::connection"),
             ("DISCARD ALL", "Cluster::connection"),
-            ("LISTEN ch", "Cluster::connection"),
+            ("LISTEN ch", "Database::listener"),
+            ("UNLISTEN *", "Cluster::listener"),
             ("PREPARE p AS SELECT 1", "Cluster::connection"),
             (
                 "DECLARE c CURSOR WITH HOLD FOR SELECT 1",

@@ -140,9 +140,15 @@
 //! underneath is usable on its own: [`config`], [`resilience`], [`pool`],
 //! [`connection`], [`orchestrator`].
 
+mod channels;
 mod database;
 
 pub use crate::database::{Database, DatabaseBuilder, connect};
+
+// LISTEN/NOTIFY and COPY.
+pub use pgstack_connection::{
+    BinaryCopyIn, CopyIn, CopyOut, Listener, ListenerEvent, Notification,
+};
 
 // Queries, typed rows and their errors.
 pub use pgstack_connection::tokio_postgres::Row;

@@ -745,6 +745,7 @@ impl PooledConnection {
         };
         let permit = self.permit.take();
         let shared = Arc::clone(&self.shared);
+        shared.stats.used_for(self.checked_out_at.elapsed());
         if let Some(key) = self.leak_key.take() {
             shared.leaks.unregister(key, &shared.label);
         }

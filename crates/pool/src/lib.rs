@@ -63,6 +63,7 @@
 mod conn;
 mod error;
 mod leak;
+mod otel;
 mod pool;
 mod sql;
 mod status;
@@ -76,7 +77,11 @@ pub use crate::conn::{
 pub use crate::error::{
     AcquirePhase, AcquireTimeout, ConfigError, ConnectError, LastConnectError, PoolError,
 };
-pub use crate::pool::{Pool, PoolBuilder};
+pub use crate::otel::{
+    CONNECTION_COUNT_METRIC, CONNECTION_CREATE_METRIC, CONNECTION_MAX_METRIC,
+    CONNECTION_TIMEOUTS_METRIC, CONNECTION_USE_METRIC, CONNECTION_WAIT_METRIC,
+};
+pub use crate::pool::{DedicatedConnection, Pool, PoolBuilder};
 pub use crate::sql::{Session, StatementClass, StatementKind, classify, first_keyword};
 pub use crate::status::{
     ACQUIRE_SECONDS_METRIC, CLOSED_METRIC, CONNECTIONS_METRIC, CREATED_METRIC, CloseReason,

@@ -26,6 +26,13 @@ use crate::leak::Leaks;
 use crate::status::{CloseReason, PoolStatus, Stats};
 use crate::tls;
 
+/// A connection opened by [`Pool::connect_dedicated`]: the future that
+/// drives the client's socket (TLS or not, through rustls).
+pub type DedicatedConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
 /// State shared by the pool, its connections and its background task.
 pub(crate) struct Shared {
     /// The node's name in metrics, logs and the breaker.
@@ -134,6 +141,9 @@ impl Drop for Counted<'_> {
 #[derive(Clone)]
 pub(crate) struct Manager {
     postgres: PostgresConnectionManager<MakeRustlsConnect>,
+    /// The settings `postgres` connects with, for connections outside the
+    /// pool ([`Pool::connect_dedicated`]).
+    config: Arc<tokio_postgres::Config>,
     shared: Arc<Shared>,
 }
 
@@ -177,10 +187,12 @@ impl Manager {
         let shared = &self.shared;
         let _connecting = Counted::new(&shared.connecting);
         let timeout = shared.settings.connect_timeout;
+        let started = Instant::now();
         let result = match tokio::time::timeout(timeout, self.postgres.connect()).await {
             Ok(Ok(client)) => {
                 shared.connect_failing.store(false, Ordering::Release);
                 let now = Instant::now();
+                shared.stats.created_in(now - started);
                 return Ok(PgConnection::new(
                     client,
                     shared.deadline(now),
@@ -550,6 +562,46 @@ impl Pool {
             return Err(self.closed());
         }
         self.reopen().await.map_err(PoolError::Connect)
+    }
+
+    /// Opens a connection outside the pool: not counted against
+    /// `pool.max_size`, not behind the breaker, never returned to the pool.
+    /// The node's settings and TLS, bounded by `pool.connect_timeout`. The
+    /// caller drives the returned [`DedicatedConnection`] itself (to read
+    /// notifications with `poll_message`), and the connection ends when the
+    /// client is dropped. For a `LISTEN`er, which holds its session for as
+    /// long as it lives.
+    ///
+    /// # Errors
+    /// [`PoolError::Connect`] saying why the node refused;
+    /// [`PoolError::Closed`] after [`Pool::close`].
+    pub async fn connect_dedicated(
+        &self,
+    ) -> Result<(tokio_postgres::Client, DedicatedConnection), PoolError> {
+        if self.is_closed() {
+            return Err(self.closed());
+        }
+        let shared = &self.inner.shared;
+        let timeout = shared.settings.connect_timeout;
+        let config = &self.inner.manager.config;
+        let tls = shared.tls.clone();
+        let error = match tokio::time::timeout(timeout, config.connect(tls)).await {
+            Ok(Ok(pair)) => return Ok(pair),
+            Ok(Err(source)) => ConnectError::Postgres {
+                node: Arc::clone(&shared.display),
+                explanation: crate::error::explain(&shared.node, &source),
+                source,
+            },
+            Err(_) => ConnectError::Timeout {
+                node: Arc::clone(&shared.display),
+                after: timeout,
+                explanation: explain_connect_failure(
+                    &shared.node,
+                    ConnectFailure::TimedOut { after: timeout },
+                ),
+            },
+        };
+        Err(PoolError::Connect(Arc::new(error)))
     }
 
     /// Waits until no connection is on its way back to the pool.
@@ -1173,8 +1225,10 @@ impl PoolBuilder {
             returning: watch::Sender::new(0),
             settings,
         });
+        let config = self.postgres_config();
         let manager = Manager {
-            postgres: PostgresConnectionManager::new(self.postgres_config(), tls),
+            postgres: PostgresConnectionManager::new(config.clone(), tls),
+            config: Arc::new(config),
             shared: Arc::clone(&shared),
         };
         let s = &shared.settings;

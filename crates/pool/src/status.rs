@@ -192,6 +192,8 @@ pub(crate) struct Stats {
     m_leaks: Counter,
     m_rollbacks: Counter,
     m_session_resets: Counter,
+    /// The same figures under OpenTelemetry's names.
+    otel: crate::otel::PoolSeries,
 }
 
 impl Stats {
@@ -225,6 +227,7 @@ impl Stats {
             m_leaks: metrics::counter!(LEAKS_METRIC, vec![node_label.clone()]),
             m_rollbacks: metrics::counter!(ROLLBACKS_METRIC, vec![node_label.clone()]),
             m_session_resets: metrics::counter!(SESSION_RESETS_METRIC, vec![node_label]),
+            otel: crate::otel::PoolSeries::new(node, max_size),
         }
     }
 
@@ -233,6 +236,7 @@ impl Stats {
         let in_use = self.in_use.load(Ordering::Relaxed);
         self.m_in_use.set(in_use as f64);
         self.m_idle.set(live.saturating_sub(in_use) as f64);
+        self.otel.connections(live.saturating_sub(in_use), in_use);
     }
 
     pub(crate) fn opened(&self) {
@@ -253,7 +257,18 @@ impl Stats {
         self.acquired.fetch_add(1, Ordering::Relaxed);
         self.in_use.fetch_add(1, Ordering::Relaxed);
         self.m_acquire.record(waited.as_secs_f64());
+        self.otel.waited(waited);
         self.publish_gauges();
+    }
+
+    /// A connection was opened in `took` (TCP, TLS, login).
+    pub(crate) fn created_in(&self, took: Duration) {
+        self.otel.created_in(took);
+    }
+
+    /// A checkout ends after `held`.
+    pub(crate) fn used_for(&self, held: Duration) {
+        self.otel.used_for(held);
     }
 
     pub(crate) fn returned(&self) {
@@ -265,6 +280,7 @@ impl Stats {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
         self.m_timeouts.increment(1);
         self.m_acquire.record(waited.as_secs_f64());
+        self.otel.timed_out(waited);
     }
 
     pub(crate) fn leaked(&self) {

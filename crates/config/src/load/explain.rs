@@ -11,7 +11,7 @@ use crate::problem::Source;
 use crate::settings::DatabaseConfig;
 
 /// The order of the sections in the explained view.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "environment",
     "primary",
     "replicas",
@@ -25,6 +25,7 @@ const SECTIONS: [&str; 13] = [
     "migrations",
     "startup",
     "features",
+    "telemetry",
 ];
 
 /// One effective key: its value (redacted when secret) and where it came from.

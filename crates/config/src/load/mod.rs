@@ -527,6 +527,7 @@ fn profile(environment: Environment) -> Dict {
     );
     let interval = humantime::format_duration(p.health_interval).to_string();
     set_path(&mut dict, "health.interval", Value::from(interval));
+    set_path(&mut dict, "telemetry.query_text", Value::from(p.query_text));
     dict
 }
 

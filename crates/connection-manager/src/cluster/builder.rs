@@ -89,6 +89,7 @@ impl ClusterBuilder {
                 role,
                 pool,
                 Lanes::new(lanes, self.busy_after),
+                crate::telemetry::NodeAttributes::new(node_settings),
             ));
         }
         let slow_threshold = config
@@ -112,6 +113,7 @@ impl ClusterBuilder {
                         .map(|t| t + round_trip_margin(config.pool.connect_timeout)),
                     check_timeout: config.pool.connect_timeout,
                     read_after_wait: config.query.read_after_wait,
+                    query_text: config.telemetry.query_text,
                 },
                 retry,
                 counters: Counters::new(),
@@ -121,6 +123,7 @@ impl ClusterBuilder {
                 drained: Notify::new(),
                 discovery: tokio::sync::Mutex::new(()),
                 discovery_epoch: AtomicU64::new(0),
+                listeners: tokio::sync::watch::Sender::new(false),
             }),
         };
         if let Err(e) = cluster.discover("pgstack-connect").await {

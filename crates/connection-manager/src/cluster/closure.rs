@@ -20,19 +20,24 @@ impl Cluster {
     /// [`Error::PoolTimeout`], [`Error::CircuitOpen`], [`Error::ShuttingDown`].
     pub async fn connection(&self, op: impl Into<Op>, route: Route) -> Result<Connection, Error> {
         let op = op.into();
-        let started = Instant::now();
-        let rules = CallRules::new(Shape::Checkout, &op, None);
-        let result = self
-            .with_retries(&op, rules, started, |_| async {
-                let node = self.route_waiting(route).await;
-                match self.checkout(&node, &op).await {
-                    Ok(conn) => Ok((conn, node)),
-                    Err(e) => Err(Failed(e, Some(node))),
-                }
-            })
-            .await;
-        let (conn, node) = self.finish(&op, route, started, result)?;
-        Ok(self.connection_for(conn, node, op, record::current(), route))
+        let span = crate::telemetry::call_span!("pgstack.connection", op, route);
+        async {
+            let started = Instant::now();
+            let rules = CallRules::new(Shape::Checkout, &op, None);
+            let result = self
+                .with_retries(&op, rules, started, |_| async {
+                    let node = self.route_waiting(route).await;
+                    match self.checkout(&node, &op).await {
+                        Ok(conn) => Ok((conn, node)),
+                        Err(e) => Err(Failed(e, Some(node))),
+                    }
+                })
+                .await;
+            self.finish(&op, route, started, result)
+        }
+        .instrument(span)
+        .await
+        .map(|(conn, node)| self.connection_for(conn, node, op, record::current(), route))
     }
 
     fn connection_for(
@@ -104,6 +109,14 @@ impl Cluster {
     }
 
     async fn closure<T, F>(&self, op: Op, route: Route, work: F) -> Result<T, Error>
+    where
+        F: AsyncFnMut(&mut Connection) -> Result<T, Error>,
+    {
+        let span = crate::telemetry::call_span!("pgstack.closure", op, route);
+        self.closure_in_span(op, route, work).instrument(span).await
+    }
+
+    async fn closure_in_span<T, F>(&self, op: Op, route: Route, work: F) -> Result<T, Error>
     where
         F: AsyncFnMut(&mut Connection) -> Result<T, Error>,
     {

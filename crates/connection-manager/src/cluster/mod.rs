@@ -37,7 +37,9 @@ use crate::stats::{ClusterMetrics, Counters, FAILOVERS_METRIC, NodeMetrics, SLOW
 
 mod builder;
 mod closure;
+mod copy;
 mod discovery;
+mod listen;
 mod replication;
 mod resolve;
 mod retry;
@@ -45,7 +47,12 @@ mod statement;
 mod transaction;
 
 pub use self::builder::ClusterBuilder;
+pub use self::copy::{BinaryCopyIn, CopyIn, CopyOut};
 use self::discovery::*;
+pub use self::listen::{
+    LISTENER_DROPPED_METRIC, LISTENER_RECONNECTS_METRIC, Listener, ListenerEvent, MAX_CHANNEL_LEN,
+    Notification,
+};
 use self::retry::*;
 
 /// Operation name used for the cluster's own checks.
@@ -65,6 +72,8 @@ pub(super) struct Settings {
     check_timeout: Duration,
     /// How long a `ReadAfter` read waits for a replica to catch up.
     read_after_wait: Duration,
+    /// `telemetry.query_text`: the SQL on the span as `db.query.text`.
+    query_text: bool,
 }
 
 pub(crate) struct ClusterInner {
@@ -82,6 +91,8 @@ pub(crate) struct ClusterInner {
     drained: Notify,
     discovery: tokio::sync::Mutex<()>,
     discovery_epoch: AtomicU64,
+    /// Flipped by [`Cluster::close`]; each listener task holds a receiver.
+    listeners: tokio::sync::watch::Sender<bool>,
 }
 
 /// A PostgreSQL cluster: one primary and any number of replicas, each node
@@ -334,6 +345,8 @@ impl Cluster {
     pub async fn close(&self, deadline: Duration) -> CloseReport {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::Release);
+        // Listeners end now: they are not calls to wait for.
+        inner.listeners.send_replace(true);
         // Calls in flight, then the background work that holds connections
         // of its own (a probe of a failed node in the middle of its role
         // check): no new round of it starts now.

@@ -317,6 +317,7 @@ impl Cluster {
                 node.inner.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
+        crate::telemetry::finished(op, node, elapsed, result.as_ref().err().map(|(e, _)| e));
         // The series' handles are resolved once per (op, route, node).
         counters.series.record(
             op,

@@ -190,13 +190,8 @@ impl Cluster {
         want: Want,
         track: bool,
     ) -> Result<(Done, Node), Error> {
-        let span = tracing::debug_span!(
-            "pgstack.statement",
-            op = op.name(),
-            route = route.as_str(),
-            node = tracing::field::Empty,
-            attempt = tracing::field::Empty
-        );
+        let span = crate::telemetry::call_span!("pgstack.statement", op, route);
+        crate::telemetry::record_query_text(&span, sql, self.inner.settings.query_text);
         async {
             let started = Instant::now();
             let profile = statements::profile(sql);

@@ -17,13 +17,7 @@ macro_rules! run_transaction {
         } else {
             Route::Write
         };
-        let span = tracing::debug_span!(
-            "pgstack.transaction",
-            op = op.name(),
-            route = route.as_str(),
-            node = tracing::field::Empty,
-            attempt = tracing::field::Empty
-        );
+        let span = $crate::telemetry::call_span!("pgstack.transaction", op, route);
         async {
             let started = Instant::now();
             // What calls nested in the closure did outside the transaction;
