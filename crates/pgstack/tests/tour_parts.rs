@@ -136,3 +136,52 @@ async fn spans_exported_through_opentelemetry_carry_the_database_conventions() {
     }
     db.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_rows_a_stream_and_a_transaction_with_the_services_own_error_type() {
+    use pgstack::Queryable as _;
+
+    let tdb = TestDb::new().await.unwrap();
+    let db = database(tdb.url(), |_| {}).await;
+    let bills = tour::typed_rows(&db).await.unwrap();
+    assert_eq!(
+        bills,
+        vec![
+            tour::Bill {
+                id: 1,
+                title: "rent".into(),
+                note: None
+            },
+            tour::Bill {
+                id: 2,
+                title: "power".into(),
+                note: Some("paid late".into())
+            },
+            tour::Bill {
+                id: 3,
+                title: "water".into(),
+                note: None
+            },
+        ]
+    );
+
+    let (count, sum) = tour::stream_rows(&db, 100_000).await.unwrap();
+    assert_eq!(count, 100_000);
+    assert_eq!(sum, 100_000 * 100_001 / 2);
+
+    // Bill 1 is paid once; the second payment is the service's own error,
+    // and its transaction is rolled back (no " paying" left on the note).
+    tour::pay(&db, 1).await.unwrap();
+    match tour::pay(&db, 1).await {
+        Err(tour::AppError::AlreadyPaid(1)) => {}
+        other => panic!("expected AlreadyPaid(1), got {other:?}"),
+    }
+    let note: Option<String> = db
+        .on("tour-note", pgstack::Route::Write)
+        .query_one("SELECT note FROM tour_bills WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(note.as_deref(), Some("paid"));
+    db.shutdown(Duration::from_secs(5)).await;
+}

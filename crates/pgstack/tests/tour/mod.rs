@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::TryStreamExt;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use pgstack::{Database, ListenerEvent, Notification, Route};
+use pgstack::{Database, ListenerEvent, Notification, Queryable as _, Route};
 use tracing_subscriber::layer::SubscriberExt;
 
 /// What [`listen_across_restart`] saw.
@@ -204,4 +204,100 @@ pub async fn traced_statements(db: &Database, ok_op: &str, failing_op: &str) -> 
         .ok_or_else(|| anyhow::anyhow!("a division by zero should fail"))?;
     anyhow::ensure!(error.code() == Some("22012"), "{error}");
     Ok(())
+}
+
+/// A bill read into a struct by column name.
+#[derive(Debug, PartialEq, pgstack::FromRow)]
+pub struct Bill {
+    /// The bill's id.
+    pub id: i64,
+    /// Its title.
+    pub title: String,
+    /// Its note, when it has one.
+    pub note: Option<String>,
+}
+
+/// Creates `tour_bills` with three bills and reads them back typed, through
+/// a declared statement.
+pub async fn typed_rows(db: &Database) -> anyhow::Result<Vec<Bill>> {
+    const OPEN_BILLS: pgstack::Statement = pgstack::Statement::read(
+        "tour-open-bills",
+        "SELECT id, title, note FROM tour_bills WHERE id <= $1 ORDER BY id",
+    );
+    db.execute(
+        "tour-bills-table",
+        Route::Write,
+        "CREATE TABLE IF NOT EXISTS tour_bills (id bigint PRIMARY KEY, title text NOT NULL, \
+         note text)",
+        &[],
+    )
+    .await?;
+    db.on("tour-bills-setup", Route::Write)
+        .execute(
+            "INSERT INTO tour_bills VALUES (1, 'rent', NULL), (2, 'power', 'paid late'), \
+             (3, 'water', NULL) ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await?;
+    Ok(db.run(&OPEN_BILLS).query_as::<Bill>(&[&3_i64]).await?)
+}
+
+/// Reads `rows` generated rows as a stream (never all in memory) and sums
+/// their ids.
+pub async fn stream_rows(db: &Database, rows: i64) -> anyhow::Result<(u64, i64)> {
+    let stream = db
+        .on("tour-stream", Route::Read)
+        .query_stream(
+            "SELECT i, repeat('x', 100) AS padding FROM generate_series(1, $1::bigint) AS i",
+            &[&rows],
+        )
+        .await?;
+    futures_util::pin_mut!(stream);
+    let (mut count, mut sum) = (0_u64, 0_i64);
+    while let Some(row) = stream.try_next().await? {
+        count += 1;
+        sum += row.try_get::<_, i64>("i")?;
+    }
+    Ok((count, sum))
+}
+
+/// A service's own error type: pgstack's errors convert into it.
+#[derive(Debug)]
+pub enum AppError {
+    /// The database failed.
+    Db(pgstack::Error),
+    /// The bill was already paid: a business rule, not a database error.
+    AlreadyPaid(i64),
+}
+
+impl From<pgstack::Error> for AppError {
+    fn from(error: pgstack::Error) -> Self {
+        AppError::Db(error)
+    }
+}
+
+/// Pays bill `id` in a transaction whose closure uses the service's own
+/// error type; paying it twice is `AppError::AlreadyPaid`, and that
+/// transaction is rolled back (its note change is not kept).
+pub async fn pay(db: &Database, id: i64) -> Result<(), AppError> {
+    db.transaction("tour-pay", async |tx| -> Result<(), AppError> {
+        tx.execute(
+            "UPDATE tour_bills SET note = coalesce(note, '') || ' paying' WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+        let paid = tx
+            .execute(
+                "SELECT 1 FROM tour_bills WHERE id = $1 AND note LIKE 'paid%'",
+                &[&id],
+            )
+            .await?;
+        if paid > 0 {
+            return Err(AppError::AlreadyPaid(id));
+        }
+        tx.execute("UPDATE tour_bills SET note = 'paid' WHERE id = $1", &[&id])
+            .await?;
+        Ok(())
+    })
+    .await
 }
