@@ -470,7 +470,7 @@ impl Pool {
         shared
             .stats
             .checked_out(now.saturating_duration_since(start));
-        let leak_key = shared.leaks.register(&operation, now);
+        let leak_key = shared.leaks.register(|| operation.clone(), now);
         PooledConnection {
             conn: Some(conn),
             permit: Some(permit),
