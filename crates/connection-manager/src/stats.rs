@@ -345,7 +345,67 @@ enum SeriesKey {
 /// Series handles per (operation, route, node), so a call records its
 /// figures without building labels and looking them up in the recorder.
 pub(crate) struct SeriesCache {
-    shards: Box<[std::sync::RwLock<std::collections::HashMap<SeriesKey, CallSeries>>]>,
+    shards: Box<[std::sync::RwLock<SeriesMap>]>,
+}
+
+type SeriesMap = std::collections::HashMap<SeriesKey, CallSeries, KeyHash>;
+
+/// A fast hash for [`SeriesKey`] (a few words, looked up on every call; the
+/// keys come from the program, not from the network, so no flooding guard
+/// is needed).
+#[derive(Clone, Copy, Default)]
+struct KeyHash;
+
+impl std::hash::BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+/// The multiply-rotate hash of rustc's `FxHasher`.
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        for &byte in chunks.remainder() {
+            self.add(u64::from(byte));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
 }
 
 /// Entries per shard; past it, series are resolved per call (a program with
@@ -356,7 +416,7 @@ impl SeriesCache {
     pub(crate) fn new() -> Self {
         SeriesCache {
             shards: (0..8)
-                .map(|_| std::sync::RwLock::new(std::collections::HashMap::new()))
+                .map(|_| std::sync::RwLock::new(SeriesMap::default()))
                 .collect(),
         }
     }

@@ -744,7 +744,7 @@ impl PooledConnection {
             return;
         };
         let permit = self.permit.take();
-        let shared = Arc::clone(&self.shared);
+        let shared = &self.shared;
         shared.stats.used_for(self.checked_out_at.elapsed());
         if let Some(key) = self.leak_key.take() {
             shared.leaks.unregister(key, &shared.label);
@@ -763,14 +763,24 @@ impl PooledConnection {
                     let operation = std::mem::take(&mut self.operation);
                     shared.returning.send_modify(|n| *n += 1);
                     handle.spawn(clean_up_and_return(
-                        conn, permit, shared, timeout, operation,
+                        conn,
+                        permit,
+                        Arc::clone(shared),
+                        timeout,
+                        operation,
                     ));
                     return;
                 }
                 Err(_) => conn.close_reason = Some(CloseReason::Error),
             }
         }
-        drop(conn);
+        if conn.close_reason.is_none() {
+            // Parked before the permit goes: the caller the permit wakes
+            // finds it.
+            shared.park(conn);
+        } else {
+            drop(conn);
+        }
         drop(permit);
         shared.stats.returned();
     }
@@ -859,7 +869,11 @@ async fn clean_up_and_return(
             );
         }
     }
-    drop(conn);
+    if conn.close_reason.is_none() {
+        shared.park(conn);
+    } else {
+        drop(conn);
+    }
     drop(permit);
     shared.stats.returned();
     shared.returning.send_modify(|n| *n = n.saturating_sub(1));

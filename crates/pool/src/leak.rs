@@ -40,11 +40,16 @@ impl Leaks {
     }
 
     /// Registers a checkout; `None` when leak detection is off.
-    pub(crate) fn register(&self, operation: Cow<'static, str>, since: Instant) -> Option<u64> {
+    /// `operation` is called only when leak detection is on.
+    pub(crate) fn register(
+        &self,
+        operation: impl FnOnce() -> Cow<'static, str>,
+        since: Instant,
+    ) -> Option<u64> {
         self.threshold?;
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
-            operation,
+            operation: operation(),
             since,
             reported: false,
         };
@@ -103,8 +108,8 @@ mod tests {
         let node: Arc<str> = "test-node".into();
         let stats = Stats::new(&node, 4);
         let leaks = Leaks::new(Some(Duration::from_secs(5)));
-        let held = leaks.register("fetch-bills".into(), Instant::now());
-        let returned = leaks.register("quick".into(), Instant::now());
+        let held = leaks.register(|| "fetch-bills".into(), Instant::now());
+        let returned = leaks.register(|| "quick".into(), Instant::now());
         assert!(held.is_some() && returned.is_some());
 
         tokio::time::advance(Duration::from_secs(4)).await;
@@ -122,6 +127,6 @@ mod tests {
     #[test]
     fn off_without_a_threshold() {
         let leaks = Leaks::new(None);
-        assert!(leaks.register("op".into(), Instant::now()).is_none());
+        assert!(leaks.register(|| "op".into(), Instant::now()).is_none());
     }
 }

@@ -62,12 +62,85 @@ pub(crate) struct Shared {
     /// Connections being rolled back on their way back to the pool: still
     /// checked out, though their caller has moved on.
     pub(crate) returning: watch::Sender<u32>,
+    /// Idle connections kept in front of bb8 (see [`Parked`]).
+    parked: Mutex<Parked>,
+    /// Wakes a checkout waiting inside bb8 when a connection is parked.
+    parked_ready: Notify,
+}
+
+/// Idle connections returned in a known-good state, kept in pgstack's own
+/// queue in front of bb8, so that a checkout and a return each take one
+/// short lock instead of bb8's get (locks, a timer) and put-back.
+///
+/// bb8 still counts them as checked out: it opens, bounds and closes the
+/// connections, and its idle queue holds the ones the housekeeper opened.
+/// Parked connections are validated at checkout like bb8's idle ones, swept
+/// by the housekeeper like them, and closed on [`Pool::close`].
+pub(crate) struct Parked {
+    /// Oldest first: checkouts take from the front (FIFO, as bb8's queue).
+    conns: std::collections::VecDeque<bb8::PooledConnection<'static, Manager>>,
+    /// Checkouts holding a gate permit but waiting inside bb8: a parked
+    /// connection must wake them.
+    waiting_in_bb8: u32,
 }
 
 impl Shared {
     fn set_last_error(&self, error: Arc<ConnectError>) {
         let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         *last = Some((error, Instant::now()));
+    }
+
+    /// Takes the oldest parked connection.
+    fn unpark(&self) -> Option<bb8::PooledConnection<'static, Manager>> {
+        self.lock_parked().conns.pop_front()
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a returned connection for the next checkout, or closes it if it
+    /// must not be reused (or the pool is closing: checked under the lock
+    /// [`Pool::close`] drains the queue under, so none is left behind).
+    pub(crate) fn park(&self, mut conn: bb8::PooledConnection<'static, Manager>) {
+        if let Some(reason) = self.unfit(&conn, conn.last_used) {
+            conn.close_reason = Some(reason);
+            return;
+        }
+        let mut parked = self.lock_parked();
+        if self.closing.load(Ordering::Acquire) {
+            drop(parked);
+            conn.close_reason = Some(CloseReason::Shutdown);
+            return;
+        }
+        parked.conns.push_back(conn);
+        let wake = parked.waiting_in_bb8 > 0;
+        drop(parked);
+        if wake {
+            self.parked_ready.notify_one();
+        }
+    }
+
+    /// Closes every parked connection `verdict` condemns (all of them for
+    /// `Some` on each).
+    fn sweep_parked(&self, mut verdict: impl FnMut(&PgConnection) -> Option<CloseReason>) {
+        let mut condemned = Vec::new();
+        {
+            let mut parked = self.lock_parked();
+            let mut kept = std::collections::VecDeque::with_capacity(parked.conns.len());
+            for mut conn in parked.conns.drain(..) {
+                match verdict(&conn) {
+                    Some(reason) => {
+                        conn.close_reason = Some(reason);
+                        condemned.push(conn);
+                    }
+                    None => kept.push_back(conn),
+                }
+            }
+            parked.conns = kept;
+        }
+        // Closed outside the lock: bb8 takes its own on the way back.
+        drop(condemned);
     }
 
     fn last_error(&self) -> Option<LastConnectError> {
@@ -285,6 +358,8 @@ struct PoolInner {
 impl Drop for PoolInner {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
+        // Parked connections hold the `Shared` they live in: close them now.
+        self.shared.sweep_parked(|_| Some(CloseReason::Shutdown));
         self.shared.wake.notify_one();
     }
 }
@@ -348,25 +423,35 @@ impl Pool {
             return Err(self.closed());
         }
         self.check_breaker(&operation)?;
+        // The fast path below never waits: spend the task's cooperative
+        // budget as any tokio resource would, so that a caller checking out
+        // in a loop still yields to the scheduler (and its timers).
+        tokio::task::consume_budget().await;
+        // The common case: nobody queued (the gate hands released permits to
+        // queued callers first, so this never overtakes one) and a parked
+        // connection fit for use. No timer, one clock read.
+        let mut permit = Arc::clone(&self.inner.gate).try_acquire_owned().ok();
         let start = Instant::now();
+        let mut first = None;
+        if permit.is_some()
+            && let Some(mut conn) = shared.unpark()
+        {
+            match check(shared, &mut conn, start) {
+                Check::Fit => {
+                    if let Some(permit) = permit.take() {
+                        return Ok(self.hand_out(conn, permit, start, start, operation));
+                    }
+                }
+                Check::Ping => first = Some(conn),
+                Check::Unfit(reason) => conn.close_reason = Some(reason),
+            }
+        }
         let phase = AtomicU8::new(PHASE_WAITING);
         let timeout = shared.settings.acquire_timeout;
         let deadline = start + timeout;
-        match tokio::time::timeout_at(deadline, self.acquire(&phase, &operation)).await {
-            Ok(Ok((conn, permit, now))) => {
-                shared
-                    .stats
-                    .checked_out(now.saturating_duration_since(start));
-                let leak_key = shared.leaks.register(operation.clone(), now);
-                Ok(PooledConnection {
-                    conn: Some(conn),
-                    permit: Some(permit),
-                    shared: Arc::clone(shared),
-                    operation,
-                    checked_out_at: now,
-                    leak_key,
-                })
-            }
+        let acquire = self.acquire(&phase, &operation, permit, first);
+        match tokio::time::timeout_at(deadline, acquire).await {
+            Ok(Ok((conn, permit, now))) => Ok(self.hand_out(conn, permit, start, now, operation)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 shared.stats.timed_out(timeout);
@@ -381,6 +466,30 @@ impl Pool {
                 tracing::warn!(node = %shared.label, error = %timeout, "pool timeout");
                 Err(PoolError::Timeout(Box::new(timeout)))
             }
+        }
+    }
+
+    /// Wraps a validated connection for the caller.
+    fn hand_out(
+        &self,
+        conn: bb8::PooledConnection<'static, Manager>,
+        permit: OwnedSemaphorePermit,
+        start: Instant,
+        now: Instant,
+        operation: Cow<'static, str>,
+    ) -> PooledConnection {
+        let shared = &self.inner.shared;
+        shared
+            .stats
+            .checked_out(now.saturating_duration_since(start));
+        let leak_key = shared.leaks.register(|| operation.clone(), now);
+        PooledConnection {
+            conn: Some(conn),
+            permit: Some(permit),
+            shared: Arc::clone(shared),
+            operation,
+            checked_out_at: now,
+            leak_key,
         }
     }
 
@@ -423,6 +532,8 @@ impl Pool {
         &self,
         phase: &AtomicU8,
         operation: &str,
+        permit: Option<OwnedSemaphorePermit>,
+        mut first: Option<bb8::PooledConnection<'static, Manager>>,
     ) -> Result<
         (
             bb8::PooledConnection<'static, Manager>,
@@ -433,15 +544,22 @@ impl Pool {
     > {
         let inner = &self.inner;
         let shared = &inner.shared;
-        let waiting = Counted::new(&shared.waiters);
-        let permit = Arc::clone(&inner.gate)
-            .acquire_owned()
-            .await
-            .map_err(|_| self.closed())?;
-        let mut waiting = Some(waiting);
+        // Counted until a connection is found: the housekeeper opens
+        // connections for waiting callers (bb8 tries only once for them).
+        let mut waiting = Some(Counted::new(&shared.waiters));
+        let permit = match permit {
+            Some(permit) => permit,
+            None => Arc::clone(&inner.gate)
+                .acquire_owned()
+                .await
+                .map_err(|_| self.closed())?,
+        };
         loop {
             phase.store(PHASE_CONNECTING, Ordering::Release);
-            let mut conn = self.checkout(operation).await?;
+            let mut conn = match first.take() {
+                Some(conn) => conn,
+                None => self.checkout(operation).await?,
+            };
             waiting.take();
             phase.store(PHASE_VALIDATING, Ordering::Release);
             match validate(shared, &mut conn).await {
@@ -454,20 +572,33 @@ impl Pool {
         }
     }
 
-    /// A connection from bb8; gives up as soon as the breaker opens or the
-    /// pool is closed.
+    /// A connection: a parked one, else one from bb8; gives up as soon as
+    /// the breaker opens or the pool is closed.
     async fn checkout(
         &self,
         operation: &str,
     ) -> Result<bb8::PooledConnection<'static, Manager>, PoolError> {
         let inner = &self.inner;
-        // The common case: an idle connection is there. No watchers needed.
+        let shared = &inner.shared;
+        if let Some(conn) = shared.unpark() {
+            return Ok(conn);
+        }
+        // An idle connection in bb8 (opened by the housekeeper). No watchers
+        // needed.
         if let Some(Ok(conn)) = now_or_never(inner.bb8.get_owned()) {
             return Ok(conn);
         }
-        let mut breaker = inner.shared.breaker.as_ref().map(CircuitBreaker::watch);
-        let mut closed = inner.shared.closed.subscribe();
+        let mut breaker = shared.breaker.as_ref().map(CircuitBreaker::watch);
+        let mut closed = shared.closed.subscribe();
         loop {
+            // Registered (under the queue's lock) before looking: a
+            // connection parked from now on wakes this checkout.
+            let Some(_waiting) = WaitingInBb8::register(shared) else {
+                if let Some(conn) = shared.unpark() {
+                    return Ok(conn);
+                }
+                continue;
+            };
             tokio::select! {
                 biased;
                 got = inner.bb8.get_owned() => {
@@ -476,6 +607,7 @@ impl Pool {
                         return Ok(conn);
                     }
                 }
+                () = shared.parked_ready.notified() => {}
                 () = wait_until_closed(&mut closed) => return Err(self.closed()),
                 () = wait_until_open(&mut breaker) => self.check_breaker(operation)?,
             }
@@ -491,7 +623,9 @@ impl Pool {
         PoolStatus {
             node: shared.display.to_string(),
             size: u32::try_from(stats.live.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
-            idle: state.idle_connections,
+            idle: state
+                .idle_connections
+                .saturating_add(u32::try_from(shared.lock_parked().conns.len()).unwrap_or(0)),
             in_use: u32::try_from(stats.in_use.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
             waiters: shared.waiters.load(Ordering::Relaxed),
             max_size: shared.settings.max_size,
@@ -629,6 +763,7 @@ impl Pool {
         shared.closing.store(true, Ordering::Release);
         shared.closed.send_replace(true);
         inner.gate.close();
+        shared.sweep_parked(|_| Some(CloseReason::Shutdown));
         self.drain_idle(|_| Some(CloseReason::Shutdown));
         shared.wake.notify_one();
         let in_use = u32::try_from(shared.stats.in_use.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
@@ -672,17 +807,28 @@ impl Pool {
         let now = Instant::now();
         let min_idle = u64::from(shared.settings.min_idle);
         let idle_timeout = shared.settings.idle_timeout;
-        self.drain_idle(|conn| {
+        // `closing`: connections condemned but not closed yet (the parked
+        // ones are closed together, after the pass), so that idle ones
+        // above `min_idle` are counted right.
+        let verdict = |conn: &PgConnection, closing: u64| {
             if let Some(reason) = shared.unfit(conn, now) {
                 return Some(reason);
             }
             let idle_for = now.saturating_duration_since(conn.last_used);
-            let above_min = shared.stats.live.load(Ordering::Relaxed) > min_idle;
+            let live = shared.stats.live.load(Ordering::Relaxed);
+            let above_min = live.saturating_sub(closing) > min_idle;
             match idle_timeout {
                 Some(limit) if above_min && idle_for >= limit => Some(CloseReason::Idle),
                 _ => None,
             }
+        };
+        let mut condemned = 0;
+        shared.sweep_parked(|conn| {
+            let reason = verdict(conn, condemned);
+            condemned += u64::from(reason.is_some());
+            reason
         });
+        self.drain_idle(|conn| verdict(conn, 0));
     }
 
     /// Puts a freshly opened connection into the pool.
@@ -885,11 +1031,22 @@ async fn wait_until_closed(closed: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Checks a connection before it is handed out; the time of the check.
-async fn validate(shared: &Shared, conn: &mut PgConnection) -> Result<Instant, CloseReason> {
-    let now = Instant::now();
+/// What a connection's local checks found.
+enum Check {
+    /// Fit for use.
+    Fit,
+    /// Fit, but idle long enough that it is pinged first.
+    Ping,
+    /// Not to be reused.
+    Unfit(CloseReason),
+}
+
+/// The local checks of a connection about to be handed out at `now`
+/// (socket, session state, lifetime, generation); clears its statement
+/// cache when the pool's was cleared.
+fn check(shared: &Shared, conn: &mut PgConnection, now: Instant) -> Check {
     if let Some(reason) = shared.unfit(conn, now) {
-        return Err(reason);
+        return Check::Unfit(reason);
     }
     let cache_generation = shared.cache_generation.load(Ordering::Acquire);
     if conn.cache_generation < cache_generation {
@@ -904,18 +1061,50 @@ async fn validate(shared: &Shared, conn: &mut PgConnection) -> Result<Instant, C
                 >= shared.settings.validation_idle_threshold
         }
     };
-    if ping {
-        // Flagged while the ping is out: a checkout that times out (or is
-        // dropped) mid-ping closes the connection instead of returning it.
-        conn.close_reason = Some(CloseReason::Broken);
-        let check = conn.client.check_connection();
-        match tokio::time::timeout(shared.settings.connect_timeout, check).await {
-            Ok(Ok(())) => conn.close_reason = None,
-            _ => return Err(CloseReason::Broken),
+    if ping { Check::Ping } else { Check::Fit }
+}
+
+/// Checks a connection before it is handed out; the time of the check.
+async fn validate(shared: &Shared, conn: &mut PgConnection) -> Result<Instant, CloseReason> {
+    let now = Instant::now();
+    match check(shared, conn, now) {
+        Check::Fit => Ok(now),
+        Check::Unfit(reason) => Err(reason),
+        Check::Ping => {
+            // Flagged while the ping is out: a checkout that times out (or is
+            // dropped) mid-ping closes the connection instead of returning it.
+            conn.close_reason = Some(CloseReason::Broken);
+            let check = conn.client.check_connection();
+            match tokio::time::timeout(shared.settings.connect_timeout, check).await {
+                Ok(Ok(())) => conn.close_reason = None,
+                _ => return Err(CloseReason::Broken),
+            }
+            Ok(Instant::now())
         }
-        return Ok(Instant::now());
     }
-    Ok(now)
+}
+
+/// Counts a checkout waiting inside bb8 while it waits, so that a connection
+/// parked meanwhile wakes it ([`Shared::park`]).
+struct WaitingInBb8<'a>(&'a Shared);
+
+impl<'a> WaitingInBb8<'a> {
+    /// `None` when a parked connection is there to take instead.
+    fn register(shared: &'a Shared) -> Option<Self> {
+        let mut parked = shared.lock_parked();
+        if !parked.conns.is_empty() {
+            return None;
+        }
+        parked.waiting_in_bb8 += 1;
+        Some(WaitingInBb8(shared))
+    }
+}
+
+impl Drop for WaitingInBb8<'_> {
+    fn drop(&mut self) {
+        let mut parked = self.0.lock_parked();
+        parked.waiting_in_bb8 = parked.waiting_in_bb8.saturating_sub(1);
+    }
 }
 
 /// Polls a future once.
@@ -1223,6 +1412,11 @@ impl PoolBuilder {
             breaker,
             wake: Notify::new(),
             returning: watch::Sender::new(0),
+            parked: Mutex::new(Parked {
+                conns: std::collections::VecDeque::with_capacity(settings.max_size as usize),
+                waiting_in_bb8: 0,
+            }),
+            parked_ready: Notify::new(),
             settings,
         });
         let config = self.postgres_config();

@@ -284,7 +284,7 @@ impl RetryPolicy {
         deadline: Option<Duration>,
         op: &str,
         classify: &C,
-        mut operation: F,
+        operation: F,
     ) -> Result<T, RetryError<E>>
     where
         E: fmt::Display,
@@ -294,6 +294,29 @@ impl RetryPolicy {
     {
         // One clock read serves the deadline and the budget (none without them).
         let started = (self.budget.is_some() || deadline.is_some()).then(Instant::now);
+        self.run_since(started, deadline, op, classify, operation)
+            .await
+    }
+
+    /// [`RetryPolicy::run_within`] for a caller that read the clock when the
+    /// call began: `started` is when the deadline counts from (and when the
+    /// first attempt is credited to the retry budget), so the loop reads no
+    /// clock of its own until an attempt fails. `None` when the caller has
+    /// no start time (then the deadline, if any, does not apply).
+    pub async fn run_since<T, E, C, F, Fut>(
+        &self,
+        started: Option<Instant>,
+        deadline: Option<Duration>,
+        op: &str,
+        classify: &C,
+        mut operation: F,
+    ) -> Result<T, RetryError<E>>
+    where
+        E: fmt::Display,
+        C: Classify<E> + ?Sized,
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         if let (Some(budget), Some(now)) = (&self.budget, started) {
             budget.deposit_at(now);
         }

@@ -265,7 +265,7 @@ impl Cluster {
         let result = self
             .inner
             .retry
-            .run_within(deadline, op.name(), &rules, |n| {
+            .run_since(Some(started), deadline, op.name(), &rules, |n| {
                 if n > 1 {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                 }
