@@ -225,6 +225,7 @@ async fn the_futures_of_calls_stay_small() {
         ("transaction", transaction, 10 * 1024),
         ("a connection's query", statement, 3 * 1024),
     ] {
+        eprintln!("{what}: {size} bytes (at most {limit})");
         assert!(size <= limit, "{what}: {size} bytes, over {limit}");
     }
     drop(conn);

@@ -449,7 +449,10 @@ impl Pool {
         let phase = AtomicU8::new(PHASE_WAITING);
         let timeout = shared.settings.acquire_timeout;
         let deadline = start + timeout;
-        let acquire = self.acquire(&phase, &operation, permit, first);
+        // Boxed: the slow path (waiting, connecting, validating) is a large
+        // future, and every call's future would carry it inline; the box is
+        // paid only by a checkout that has to wait.
+        let acquire = Box::pin(self.acquire(&phase, &operation, permit, first));
         match tokio::time::timeout_at(deadline, acquire).await {
             Ok(Ok((conn, permit, now))) => Ok(self.hand_out(conn, permit, start, now, operation)),
             Ok(Err(e)) => Err(e),
