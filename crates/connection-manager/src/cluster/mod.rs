@@ -345,7 +345,8 @@ impl Cluster {
     pub async fn close(&self, deadline: Duration) -> CloseReport {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::Release);
-        // Listeners end now: they are not calls to wait for.
+        // Listeners end now: they are not calls whose work is waited for,
+        // only their tasks are (below).
         inner.listeners.send_replace(true);
         // Calls in flight, then the background work that holds connections
         // of its own (a probe of a failed node in the middle of its role
@@ -356,10 +357,13 @@ impl Cluster {
                 if inner.in_flight.load(Ordering::Acquire) == 0
                     && inner.background.load(Ordering::Acquire) == 0
                 {
-                    return;
+                    break;
                 }
                 drained.await;
             }
+            // Listener tasks end on the signal above; each holds a receiver
+            // until its connection is closed, so none outlives `close`.
+            inner.listeners.closed().await;
         };
         let until = tokio::time::Instant::now() + deadline;
         let _ = tokio::time::timeout_at(until, wait).await;
