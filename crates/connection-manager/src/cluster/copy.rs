@@ -324,6 +324,26 @@ impl Cluster {
         ))
     }
 
+    /// Starts `COPY … FROM STDIN` on a connection of its own on the primary:
+    /// the checked statement sent, its sink open.
+    async fn start_copy_in(
+        &self,
+        op: Op,
+        sql: &str,
+    ) -> Result<(Holder, tokio_postgres::CopyInSink<Bytes>), Error> {
+        check_copy(sql, &op)?;
+        let (mut holder, node) = self.copy_connection(&op, Route::Write).await?;
+        let limit = self.inner.settings.round_trip;
+        let sink = match holder.conn.as_mut() {
+            Some(conn) => {
+                let client = conn.client_unchecked();
+                start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?
+            }
+            None => return Err(no_connection(&node, &op)),
+        };
+        Ok((holder, sink))
+    }
+
     /// `COPY … FROM STDIN` (text or CSV) on a connection of its own on the
     /// primary: send the data through the returned [`CopyIn`], then
     /// [`CopyIn::finish`].
@@ -343,17 +363,7 @@ impl Cluster {
     /// [`Cluster::connection`]; [`Error::Database`] when the server refused
     /// the statement.
     pub async fn copy_in(&self, op: impl Into<Op>, sql: &str) -> Result<CopyIn<'static>, Error> {
-        let op = op.into();
-        check_copy(sql, &op)?;
-        let (mut holder, node) = self.copy_connection(&op, Route::Write).await?;
-        let limit = self.inner.settings.round_trip;
-        let sink = match holder.conn.as_mut() {
-            Some(conn) => {
-                let client = conn.client_unchecked();
-                start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?
-            }
-            None => return Err(no_connection(&node, &op)),
-        };
+        let (holder, sink) = self.start_copy_in(op.into(), sql).await?;
         Ok(CopyIn {
             sink: Box::pin(sink),
             holder,
@@ -384,17 +394,7 @@ impl Cluster {
         sql: &str,
         types: &[Type],
     ) -> Result<BinaryCopyIn<'static>, Error> {
-        let op = op.into();
-        check_copy(sql, &op)?;
-        let (mut holder, node) = self.copy_connection(&op, Route::Write).await?;
-        let limit = self.inner.settings.round_trip;
-        let sink = match holder.conn.as_mut() {
-            Some(conn) => {
-                let client = conn.client_unchecked();
-                start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?
-            }
-            None => return Err(no_connection(&node, &op)),
-        };
+        let (holder, sink) = self.start_copy_in(op.into(), sql).await?;
         Ok(BinaryCopyIn {
             writer: Box::pin(BinaryCopyInWriter::new(sink, types)),
             holder,
@@ -470,11 +470,7 @@ impl Connection {
     /// # Errors
     /// As [`Cluster::copy_in`].
     pub async fn copy_in(&mut self, sql: &str) -> Result<CopyIn<'_>, Error> {
-        check_copy(sql, &self.op)?;
-        let holder = self.borrowed_holder();
-        let (limit, node, op) = (self.limit, self.node.clone(), self.op.clone());
-        let client = self.copy_client();
-        let sink = start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?;
+        let (holder, sink) = self.start_copy_in(sql).await?;
         Ok(CopyIn {
             sink: Box::pin(sink),
             holder,
@@ -492,11 +488,7 @@ impl Connection {
         sql: &str,
         types: &[Type],
     ) -> Result<BinaryCopyIn<'_>, Error> {
-        check_copy(sql, &self.op)?;
-        let holder = self.borrowed_holder();
-        let (limit, node, op) = (self.limit, self.node.clone(), self.op.clone());
-        let client = self.copy_client();
-        let sink = start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?;
+        let (holder, sink) = self.start_copy_in(sql).await?;
         Ok(BinaryCopyIn {
             writer: Box::pin(BinaryCopyInWriter::new(sink, types)),
             holder,
@@ -523,6 +515,20 @@ impl Connection {
             holder,
             _conn: PhantomData,
         })
+    }
+
+    /// Starts `COPY … FROM STDIN` on this connection: the checked statement
+    /// sent, its sink open.
+    async fn start_copy_in(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Holder, tokio_postgres::CopyInSink<Bytes>), Error> {
+        check_copy(sql, &self.op)?;
+        let holder = self.borrowed_holder();
+        let (limit, node, op) = (self.limit, self.node.clone(), self.op.clone());
+        let client = self.copy_client();
+        let sink = start(limit, &node, &op, client.copy_in::<_, Bytes>(sql)).await?;
+        Ok((holder, sink))
     }
 
     /// The raw client for a copy: the pool's connection marked for clean-up
