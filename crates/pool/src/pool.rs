@@ -85,6 +85,31 @@ pub(crate) struct Parked {
 }
 
 impl Shared {
+    /// Runs `connect` (TCP, TLS and login) within `pool.connect_timeout`;
+    /// a failure says why, cause first.
+    async fn within_connect_timeout<T>(
+        &self,
+        connect: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, ConnectError> {
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(source)) => Err(ConnectError::Postgres {
+                node: Arc::clone(&self.display),
+                explanation: crate::error::explain(&self.node, &source),
+                source,
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                node: Arc::clone(&self.display),
+                after: timeout,
+                explanation: explain_connect_failure(
+                    &self.node,
+                    ConnectFailure::TimedOut { after: timeout },
+                ),
+            }),
+        }
+    }
+
     fn set_last_error(&self, error: Arc<ConnectError>) {
         let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
         *last = Some((error, Instant::now()));
@@ -259,10 +284,9 @@ impl Manager {
     async fn open(&self) -> Result<PgConnection, Arc<ConnectError>> {
         let shared = &self.shared;
         let _connecting = Counted::new(&shared.connecting);
-        let timeout = shared.settings.connect_timeout;
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, self.postgres.connect()).await {
-            Ok(Ok(client)) => {
+        let result = match shared.within_connect_timeout(self.postgres.connect()).await {
+            Ok(client) => {
                 shared.connect_failing.store(false, Ordering::Release);
                 let now = Instant::now();
                 shared.stats.created_in(now - started);
@@ -274,19 +298,7 @@ impl Manager {
                     Arc::clone(shared),
                 ));
             }
-            Ok(Err(source)) => ConnectError::Postgres {
-                node: Arc::clone(&shared.display),
-                explanation: crate::error::explain(&shared.node, &source),
-                source,
-            },
-            Err(_) => ConnectError::Timeout {
-                node: Arc::clone(&shared.display),
-                after: timeout,
-                explanation: explain_connect_failure(
-                    &shared.node,
-                    ConnectFailure::TimedOut { after: timeout },
-                ),
-            },
+            Err(error) => error,
         };
         tracing::debug!(node = %shared.label, error = %result, "connect attempt failed");
         let error = Arc::new(result);
@@ -719,26 +731,11 @@ impl Pool {
             return Err(self.closed());
         }
         let shared = &self.inner.shared;
-        let timeout = shared.settings.connect_timeout;
-        let config = &self.inner.manager.config;
-        let tls = shared.tls.clone();
-        let error = match tokio::time::timeout(timeout, config.connect(tls)).await {
-            Ok(Ok(pair)) => return Ok(pair),
-            Ok(Err(source)) => ConnectError::Postgres {
-                node: Arc::clone(&shared.display),
-                explanation: crate::error::explain(&shared.node, &source),
-                source,
-            },
-            Err(_) => ConnectError::Timeout {
-                node: Arc::clone(&shared.display),
-                after: timeout,
-                explanation: explain_connect_failure(
-                    &shared.node,
-                    ConnectFailure::TimedOut { after: timeout },
-                ),
-            },
-        };
-        Err(PoolError::Connect(Arc::new(error)))
+        let connect = self.inner.manager.config.connect(shared.tls.clone());
+        shared
+            .within_connect_timeout(connect)
+            .await
+            .map_err(|error| PoolError::Connect(Arc::new(error)))
     }
 
     /// Waits until no connection is on its way back to the pool.
