@@ -745,11 +745,15 @@ impl PooledConnection {
         };
         let permit = self.permit.take();
         let shared = &self.shared;
-        shared.stats.used_for(self.checked_out_at.elapsed());
+        // One clock read for the return: the time in use and the idle clock.
+        let now = Instant::now();
+        shared
+            .stats
+            .used_for(now.saturating_duration_since(self.checked_out_at));
         if let Some(key) = self.leak_key.take() {
             shared.leaks.unregister(key, &shared.label);
         }
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         if conn.close_reason.is_none() && conn.client.is_closed() {
             conn.close_reason = Some(CloseReason::Broken);
         }
