@@ -941,13 +941,26 @@ impl XactProbe {
         }) else {
             return XactProbe::UNKNOWN;
         };
-        let text = |i: usize| row.try_get(i).ok().flatten();
-        let xid = match row.try_get(0) {
+        XactProbe::from_texts(|i| row.try_get(i).map_err(drop))
+    }
+
+    /// Reads the row of [`XACT_PROBE_SQL`] run as a prepared statement.
+    pub fn from_rows(rows: &[Row]) -> XactProbe {
+        let Some(row) = rows.first() else {
+            return XactProbe::UNKNOWN;
+        };
+        XactProbe::from_texts(|i| row.try_get::<_, Option<&str>>(i).map_err(drop))
+    }
+
+    /// The probe from its four text columns, however they were read.
+    fn from_texts<'r>(column: impl Fn(usize) -> Result<Option<&'r str>, ()>) -> XactProbe {
+        let text = |i: usize| column(i).ok().flatten();
+        let xid = match column(0) {
             Ok(None) => TransactionId::Unassigned,
             Ok(Some(text)) => text
                 .parse()
                 .map_or(TransactionId::Unknown, TransactionId::Assigned),
-            Err(_) => TransactionId::Unknown,
+            Err(()) => TransactionId::Unknown,
         };
         XactProbe {
             xid,
@@ -1083,18 +1096,47 @@ impl Transaction<'_> {
     /// connection or a time-out (the outcome is unknown), with the id when
     /// the check answered.
     pub async fn commit_checked(
+        self,
+        limit: Option<Duration>,
+    ) -> Result<CommitOutcome, CommitFailed> {
+        self.commit_with(limit, true).await
+    }
+
+    /// Commits within `limit`, without the check of
+    /// [`Transaction::commit_checked`]: for a caller that saw every
+    /// statement of the transaction succeed (so it was not aborted) and read
+    /// its id already. The outcome's probe is [`XactProbe::UNKNOWN`].
+    ///
+    /// # Errors
+    /// As [`Transaction::commit_checked`].
+    pub async fn commit_bounded(
+        self,
+        limit: Option<Duration>,
+    ) -> Result<CommitOutcome, CommitFailed> {
+        self.commit_with(limit, false).await
+    }
+
+    async fn commit_with(
         mut self,
         limit: Option<Duration>,
+        check: bool,
     ) -> Result<CommitOutcome, CommitFailed> {
         self.done = true;
         let pg = self.pg();
         // A connection that has closed already takes no COMMIT: the
         // transaction did not commit.
         let sent = !pg.client.is_closed();
-        pg.in_flight.fetch_add(2, Ordering::AcqRel);
+        pg.in_flight
+            .fetch_add(if check { 2 } else { 1 }, Ordering::AcqRel);
         // Both requests go out in this order on the first poll (biased
         // select): the check runs inside the transaction, then COMMIT.
-        let probe = pg.client.simple_query(XACT_PROBE_SQL);
+        let probe = async {
+            if check {
+                pg.client.simple_query(XACT_PROBE_SQL).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
         let commit = pg.client.batch_execute("COMMIT");
         let mut probe = std::pin::pin!(probe);
         let mut commit = std::pin::pin!(commit);
@@ -1111,7 +1153,9 @@ impl Transaction<'_> {
             tokio::select! {
                 biased;
                 answer = &mut probe, if probed.is_none() => {
-                    pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    if check {
+                        pg.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
                     probed = Some(answer);
                 }
                 done = &mut commit => {
