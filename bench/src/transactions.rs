@@ -199,7 +199,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
         e.note(
             "Each transaction reads a random bill, updates its title and reads it back, then \
              commits. pgstack: `Database::transaction` (the closure's statements prepared and \
-             cached; its COMMIT is sent with the check that it commits). deadpool-postgres: \
+             cached; the transaction's id read with its first write, so an interrupted COMMIT can be looked \
+             up). deadpool-postgres: \
              `get()`, `transaction()`, `prepare_cached`, `commit()`. sqlx: `begin()`, three \
              `query(..)` on the transaction, `commit()`. Pools hold 16 connections.",
         );

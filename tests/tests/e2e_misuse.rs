@@ -171,6 +171,48 @@ async fn a_failed_statement_the_closure_did_not_wait_for_is_seen_at_commit() {
     done(db).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_before_its_failing_rows_is_seen_at_commit() {
+    use futures_util::StreamExt as _;
+    let (tdb, db) = setup(|_| {}).await;
+    let error = db
+        .transaction("dropped-stream", async |tx| {
+            // The first write: its id is read with it.
+            tx.execute("INSERT INTO orders VALUES (7, 'g')", &[])
+                .await?;
+            // Row 3 fails on the server; the closure reads one row and
+            // drops the stream, so nobody sees the failure.
+            let mut rows = tx
+                .query_stream("SELECT 10 / (g - 3) FROM generate_series(1, 5) g", &[])
+                .await?;
+            let first = rows.next().await.expect("a first row")?;
+            assert_eq!(first.get::<_, i32>(0), -5);
+            drop(rows);
+            Ok(())
+        })
+        .await
+        .expect_err("the server rolled it back");
+    let text = common::checked(&error);
+    assert!(is_transaction_aborted(&error), "{text}");
+    assert!(text.contains("did not wait for"), "{text}");
+    assert_eq!(count(&tdb, "orders").await, 0);
+
+    // Read to its end, a stream leaves the transaction to commit.
+    db.transaction("read-stream", async |tx| {
+        tx.execute("INSERT INTO orders VALUES (8, 'h')", &[])
+            .await?;
+        let rows = tx
+            .query_stream("SELECT g FROM generate_series(1, 5) g", &[])
+            .await?;
+        assert_eq!(rows.count().await, 5);
+        Ok::<_, pgstack::Error>(())
+    })
+    .await
+    .expect("committed");
+    assert_eq!(count(&tdb, "orders").await, 1);
+    done(db).await;
+}
+
 /// What the rule allows: a savepoint recovers a failed statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_to_a_savepoint_recovers_a_failed_statement() {

@@ -479,7 +479,7 @@ struct Health {
     /// succeeded since.
     failed: Option<Failure>,
     /// Statements whose outcome the closure did not wait for (the future was
-    /// dropped).
+    /// dropped), and streams not read to their end.
     unseen: u32,
 }
 
@@ -539,22 +539,40 @@ impl<'a> Transaction<'a> {
 
     /// For a statement that may write, until the transaction's id is known:
     /// [`XACT_PROBE_SQL`], sent right behind the statement in the same round
-    /// trip. Its answer (the id, the WAL position after the write, the
-    /// server's start time and timeline) lets a `COMMIT` whose connection
-    /// breaks be looked up on another connection. Read-only work never
-    /// probes, so it never takes a transaction id.
+    /// trip (a cached prepared statement when prepared statements are on, so
+    /// the server neither parses nor plans it again). Its answer (the id, the
+    /// WAL position after the write, the server's start time and timeline)
+    /// lets a `COMMIT` whose connection breaks be looked up on another
+    /// connection. Read-only work never probes, so it never takes a
+    /// transaction id.
     fn probe(&self, class: StatementClass) -> Option<impl Future<Output = ()> + '_> {
         if !self.writable || class.is_read() || lock(&self.xact).is_some() {
             return None;
         }
         Some(async {
-            if let Ok(messages) = self.tx.simple_query(XACT_PROBE_SQL).await {
-                let seen = XactProbe::from_messages(&messages);
-                // No id yet (the statement wrote nothing): ask again with
-                // the next write.
-                if matches!(seen.xid, pgstack_pool::TransactionId::Assigned(_)) {
-                    *lock(&self.xact) = Some(seen);
+            let seen = if self.prepared {
+                match self.tx.prepare_cached(XACT_PROBE_SQL).await {
+                    Ok(statement) => self
+                        .tx
+                        .query(&statement, &[])
+                        .await
+                        .ok()
+                        .map(|rows| XactProbe::from_rows(&rows)),
+                    Err(_) => None,
                 }
+            } else {
+                self.tx
+                    .simple_query(XACT_PROBE_SQL)
+                    .await
+                    .ok()
+                    .map(|messages| XactProbe::from_messages(&messages))
+            };
+            // No id yet (the statement wrote nothing): ask again with the
+            // next write.
+            if let Some(seen) = seen
+                && matches!(seen.xid, pgstack_pool::TransactionId::Assigned(_))
+            {
+                *lock(&self.xact) = Some(seen);
             }
         })
     }
@@ -592,23 +610,14 @@ impl<'a> Transaction<'a> {
         match result {
             Ok(_) if class.rolls_back_to_savepoint() => health.failed = None,
             Ok(_) => {}
-            Err(error) if dooms(error) => {
-                if health.failed.is_none() {
-                    health.failed = Some(Failure {
-                        statement: excerpt(sql),
-                        reason: error.to_string(),
-                        code: error.code().map(str::to_owned),
-                        transient: error.is_transient(),
-                        timed_out: matches!(error, Error::Timeout { .. }),
-                    });
-                }
-            }
-            Err(_) => {}
+            Err(error) => health.fail(sql, error),
         }
     }
 
-    /// A stream's failure dooms the transaction, as a statement's does.
+    /// A stream's failure dooms the transaction, as a statement's does; one
+    /// not read to its end counts as unseen.
     fn watch<'q>(&'q self, stream: RowStream<'q>, sql: &str) -> RowStream<'q> {
+        lock(&self.health).unseen += 1;
         stream.watched(self, sql)
     }
 
@@ -628,9 +637,20 @@ impl<'a> Transaction<'a> {
 
 impl StreamWatch for Transaction<'_> {
     fn failed(&self, sql: &str, error: &Error) {
+        lock(&self.health).fail(sql, error);
+    }
+
+    fn ended(&self) {
         let mut health = lock(&self.health);
-        if dooms(error) && health.failed.is_none() {
-            health.failed = Some(Failure {
+        health.unseen = health.unseen.saturating_sub(1);
+    }
+}
+
+impl Health {
+    /// The first error that dooms the transaction is kept.
+    fn fail(&mut self, sql: &str, error: &Error) {
+        if dooms(error) && self.failed.is_none() {
+            self.failed = Some(Failure {
                 statement: excerpt(sql),
                 reason: error.to_string(),
                 code: error.code().map(str::to_owned),

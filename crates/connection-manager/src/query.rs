@@ -563,9 +563,12 @@ enum Source<'a> {
     Read(std::vec::IntoIter<Row>),
 }
 
-/// Told when a stream inside a transaction fails: the transaction is doomed.
+/// Told when a stream inside a transaction fails (the transaction is
+/// doomed) and when it ends; one dropped before its end leaves the
+/// transaction's state unseen.
 pub(crate) trait StreamWatch: Sync {
     fn failed(&self, sql: &str, error: &Error);
+    fn ended(&self);
 }
 
 /// The rows of one statement, from [`Queryable::query_stream`]: a
@@ -646,11 +649,21 @@ impl<'a> RowStream<'a> {
     }
 
     fn fail(&mut self, error: Error) -> Poll<Option<Result<Row, Error>>> {
-        self.done = true;
         if let Some((watch, sql)) = &self.watch {
             watch.failed(sql, &error);
         }
+        self.end();
         Poll::Ready(Some(Err(error)))
+    }
+
+    /// No more rows: told once to the watch.
+    fn end(&mut self) {
+        if !self.done {
+            self.done = true;
+            if let Some((watch, _)) = &self.watch {
+                watch.ended();
+            }
+        }
     }
 }
 
@@ -665,7 +678,9 @@ impl Stream for RowStream<'_> {
         let stream = match &mut this.source {
             Source::Read(rows) => {
                 let next = rows.next();
-                this.done = next.is_none();
+                if next.is_none() {
+                    this.end();
+                }
                 return Poll::Ready(next.map(Ok));
             }
             Source::Live(stream) => stream,
@@ -680,7 +695,7 @@ impl Stream for RowStream<'_> {
                 this.fail(error)
             }
             Poll::Ready(None) => {
-                this.done = true;
+                this.end();
                 Poll::Ready(None)
             }
             Poll::Pending => {

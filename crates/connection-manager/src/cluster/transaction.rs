@@ -313,7 +313,18 @@ impl Cluster {
                 code: failure.code,
             });
         }
-        match tx.into_inner().commit_checked(limit).await {
+        // Every statement was seen to succeed and the first write's probe
+        // read the id: the transaction is not aborted and can be looked up,
+        // so COMMIT goes alone. Otherwise the check rides in front of it
+        // (an aborted transaction's COMMIT answers with a rollback, not an
+        // error; a write the probe missed has an id only the check reads).
+        let tx = tx.into_inner();
+        let commit = if first_write.is_some() && unseen == 0 {
+            tx.commit_bounded(limit).await
+        } else {
+            tx.commit_checked(limit).await
+        };
+        match commit {
             Ok(CommitOutcome::Committed { .. }) => {
                 record.committed();
                 Ok(value)
