@@ -106,12 +106,14 @@ impl Load {
 }
 
 /// `tasks` tasks each running `per_task` calls of `call(db, id)` (ids from
-/// `task * 100_000`), counting each finished call in `ended`.
+/// `task * 100_000`), and more until `faults_over` is set, counting each
+/// finished call in `ended`.
 async fn run_load<F, Fut>(
     db: &Database,
     tasks: i64,
     per_task: i64,
     ended: &Arc<AtomicU64>,
+    faults_over: &Arc<AtomicBool>,
     call: F,
 ) -> Load
 where
@@ -121,10 +123,15 @@ where
     let handles: Vec<_> = (0..tasks)
         .map(|task| {
             let (db, ended, call) = (db.clone(), Arc::clone(ended), call.clone());
+            let faults_over = Arc::clone(faults_over);
             tokio::spawn(async move {
                 let mut load = Load::default();
-                for i in 0..per_task {
+                // Past `per_task` while the faults go on: a load that ended
+                // before them would leave them nothing to interrupt.
+                let mut i = 0;
+                while i < per_task || !faults_over.load(Ordering::Acquire) {
                     let id = task * 100_000 + i;
+                    i += 1;
                     let outcome = call(db.clone(), id).await;
                     ended.fetch_add(1, Ordering::Release);
                     load.record(id, outcome);
@@ -219,6 +226,19 @@ async fn counts_of(client: &tokio_postgres::Client, table: &str) -> HashMap<i64,
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// Sessions on the server running a `COMMIT` (the slow one's deferred
+/// trigger sleeping in it).
+async fn commits_running(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'active' AND query = 'COMMIT' AND wait_event = 'PgSleep'",
+            &[],
+        )
+        .await
+        .map_or(0, |row| row.get(0))
 }
 
 /// The figures every scenario prints.
@@ -358,10 +378,17 @@ async fn commits_interrupted_by_resets_are_resolved() {
     let stop = AtomicBool::new(false);
     let ended = Arc::new(AtomicU64::new(0));
     let chaos = proxy.keep_resetting(&stop, &ended, RESET_AFTER);
+    // The resets last as long as the load.
+    let faults_over = Arc::new(AtomicBool::new(true));
     let writers = async {
-        let load = run_load(&db, TASKS, RESETS_PER_TASK, &ended, |db, id| async move {
-            post_entry(&db, RESETS_OP, id).await
-        })
+        let load = run_load(
+            &db,
+            TASKS,
+            RESETS_PER_TASK,
+            &ended,
+            &faults_over,
+            |db, id| async move { post_entry(&db, RESETS_OP, id).await },
+        )
         .await;
         stop.store(true, Ordering::Release);
         load
@@ -435,6 +462,7 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
 
     let total = (TASKS * KILL_PER_TASK) as u64;
     let ended = Arc::new(AtomicU64::new(0));
+    let faults_over = Arc::new(AtomicBool::new(false));
     let faults = async {
         let mut outages = Vec::new();
         for (n, d) in KILL_AT {
@@ -445,11 +473,17 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
             server.start_again().await.unwrap();
             outages.push(killed.elapsed());
         }
+        faults_over.store(true, Ordering::Release);
         outages
     };
-    let writers = run_load(&db, TASKS, KILL_PER_TASK, &ended, |db, id| async move {
-        post_entry(&db, KILL_OP, id).await
-    });
+    let writers = run_load(
+        &db,
+        TASKS,
+        KILL_PER_TASK,
+        &ended,
+        &faults_over,
+        |db, id| async move { post_entry(&db, KILL_OP, id).await },
+    );
     let (outages, load) = tokio::join!(faults, writers);
 
     let counts = common::ledger_counts(&tdb.client().await.unwrap()).await;
@@ -501,6 +535,38 @@ const PROMOTION_TASKS: i64 = 32;
 /// Transactions per task around the promotion.
 const PROMOTION_PER_TASK: i64 = 20;
 
+/// The write of the transaction whose `COMMIT` is in flight at the kill.
+const SLOW_COMMIT_ID: i64 = 9_999_999;
+
+/// A deferred trigger on `ledger` that sleeps in the `COMMIT` of a row of
+/// task 2, on the server listening on `port` only (the old primary): a
+/// retry on the new primary commits at once.
+fn slow_commit_trigger(port: u16) -> String {
+    format!(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF inet_server_port() = {port} THEN PERFORM pg_sleep(60); END IF; \
+         RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.task = 2) \
+         EXECUTE FUNCTION slow_commit()"
+    )
+}
+
+/// [`post_entry`] of a row whose `COMMIT` is slow ([`slow_commit_trigger`]).
+async fn post_slow_entry(db: Database, id: i64) -> Result<Acked, Error> {
+    db.transaction(PROMOTION_OP, async move |tx| {
+        let row = tx
+            .query_one(
+                "INSERT INTO ledger (id, task) VALUES ($1, 2) \
+                 RETURNING txid_current(), inet_server_port()",
+                &[&id],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_interrupted_by_a_promotion_are_resolved_on_the_new_primary() {
     common::capture_logs();
@@ -513,7 +579,10 @@ async fn commits_interrupted_by_a_promotion_are_resolved_on_the_new_primary() {
     tdb.client()
         .await
         .unwrap()
-        .batch_execute(LEDGER_TABLE)
+        .batch_execute(&format!(
+            "{LEDGER_TABLE}; {}",
+            slow_commit_trigger(primary.port())
+        ))
         .await
         .unwrap();
     // Asynchronous streaming replication, the kit's default.
@@ -531,21 +600,36 @@ async fn commits_interrupted_by_a_promotion_are_resolved_on_the_new_primary() {
 
     let total = (PROMOTION_TASKS * PROMOTION_PER_TASK) as u64;
     let ended = Arc::new(AtomicU64::new(0));
+    let faults_over = Arc::new(AtomicBool::new(false));
     let failover = async {
         ended_at_least(&ended, total / 3).await;
+        // One more transaction, whose COMMIT runs a deferred trigger that
+        // sleeps on the old primary: the kill always finds a COMMIT in flight
+        // (at a random moment alone, 2 of 14 runs under load found none).
+        let slow = tokio::spawn(post_slow_entry(db.clone(), SLOW_COMMIT_ID));
+        let watcher = primary.client(tdb.name()).await.unwrap();
+        let in_commit = common::eventually(Duration::from_secs(10), || async {
+            commits_running(&watcher).await > 0
+        })
+        .await;
+        assert!(in_commit, "the slow COMMIT did not start");
         let killed = Instant::now();
         primary.kill9().await.unwrap();
+        let at = ended.load(Ordering::Acquire);
         replica.promote().await.unwrap();
-        killed.elapsed()
+        faults_over.store(true, Ordering::Release);
+        (killed.elapsed(), at, slow)
     };
     let writers = run_load(
         &db,
         PROMOTION_TASKS,
         PROMOTION_PER_TASK,
         &ended,
+        &faults_over,
         |db, id| async move { post_entry(&db, PROMOTION_OP, id).await },
     );
-    let (promoted_after, load) = tokio::join!(failover, writers);
+    let ((promoted_after, killed_at, slow), mut load) = tokio::join!(failover, writers);
+    load.record(SLOW_COMMIT_ID, slow.await.unwrap());
 
     // The cluster found the new primary.
     assert_eq!(db.cluster().primary().name(), "replica-1");
@@ -568,7 +652,10 @@ async fn commits_interrupted_by_a_promotion_are_resolved_on_the_new_primary() {
     let old = counts_of(&primary.client(tdb.name()).await.unwrap(), "ledger").await;
 
     let scenario = "commits under a promotion";
-    eprintln!("{scenario}: killed and promoted in {promoted_after:?}");
+    eprintln!(
+        "{scenario}: killed when {killed_at} of {total} transactions had ended; promoted in \
+         {promoted_after:?}"
+    );
     print_counts(scenario, &load, resolved, &reconciled);
     // Acknowledged writes the new primary lacks: asynchronous replication
     // loses a commit acknowledged by the old primary whose WAL had not
@@ -733,6 +820,7 @@ async fn bank_transfers_under_resets_and_a_restart_keep_the_books_exact() {
 
     let total = (BANK_TASKS * TRANSFERS_PER_TASK) as u64;
     let ended = Arc::new(AtomicU64::new(0));
+    let faults_over = Arc::new(AtomicBool::new(false));
     // Resets over the first half of the transfers, then a restart of the
     // server (fast shutdown, start) with the load still running.
     let faults = async {
@@ -745,6 +833,7 @@ async fn bank_transfers_under_resets_and_a_restart_keep_the_books_exact() {
         let (resets, ()) = tokio::join!(resets, half);
         ended_at_least(&ended, total * 5 / 8).await;
         server.restart().await.unwrap();
+        faults_over.store(true, Ordering::Release);
         resets
     };
     let writers = run_load(
@@ -752,6 +841,7 @@ async fn bank_transfers_under_resets_and_a_restart_keep_the_books_exact() {
         BANK_TASKS,
         TRANSFERS_PER_TASK,
         &ended,
+        &faults_over,
         |db, id| async move { transfer(&db, id).await },
     );
     let (resets, load) = tokio::join!(faults, writers);
