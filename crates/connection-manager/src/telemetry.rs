@@ -166,7 +166,9 @@ fn record_node(span: &tracing::Span, node: &Node) {
     let attributes = &node.inner.attributes;
     span.record("db.namespace", &*attributes.namespace);
     span.record("server.address", &*attributes.address);
-    span.record("server.port", attributes.port);
+    // As i64: OpenTelemetry's integer (tracing-opentelemetry would export
+    // an unsigned value as text).
+    span.record("server.port", i64::from(attributes.port));
 }
 
 /// Records the statement's text on its span when `enabled`

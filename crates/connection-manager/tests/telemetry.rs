@@ -260,3 +260,58 @@ async fn query_text_is_left_out_when_turned_off() {
     }
     cluster.close(Duration::from_secs(5)).await;
 }
+
+/// The `db.client.connection.pending_requests` gauge of one pool.
+fn pending(pool: &str) -> Option<f64> {
+    series(pgstack_pool::CONNECTION_PENDING_METRIC)
+        .into_iter()
+        .find(|(l, _)| l["db.client.connection.pool.name"] == pool)
+        .and_then(|(_, value)| match value {
+            DebugValue::Gauge(v) => Some(v.into_inner()),
+            _ => None,
+        })
+}
+
+#[tokio::test]
+async fn checkouts_waiting_for_a_connection_are_counted_as_pending_requests() {
+    let _ = setup();
+    let db = TestDb::new().await.unwrap();
+    let node = pgstack_config::NodeSettings::from_url(db.url()).unwrap();
+    let pool = pgstack_pool::Pool::builder(node)
+        .name("pending-gauge")
+        .pool_settings(pgstack_config::PoolSettings {
+            max_size: 1,
+            min_idle: 0,
+            acquire_timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let held = pool.get("hold").await.unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let conn = pool.get("wait").await.unwrap();
+                drop(conn);
+            })
+        })
+        .collect();
+    let three = common::eventually(Duration::from_secs(5), || async {
+        pool.status().waiters == 3
+    })
+    .await;
+    assert!(three, "{:?}", pool.status());
+    // A snapshot drains the debugging recorder's gauges (it reads and
+    // zeroes them): the readings add up to the gauge's value.
+    let mut gauge = pending("pending-gauge").unwrap();
+    assert_eq!(gauge, 3.0);
+    drop(held);
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    gauge += pending("pending-gauge").unwrap();
+    assert_eq!(gauge, 0.0);
+    pool.close();
+}

@@ -105,6 +105,22 @@ async fn spans_exported_through_opentelemetry_carry_the_database_conventions() {
         Some(db.config().primary.host.as_str())
     );
     assert_eq!(attribute(ok, "server.port"), Some(port.as_str()));
+    // An integer, as the convention says, not the port's text.
+    let port_values: Vec<opentelemetry::Value> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .iter()
+        .flat_map(|span| span.attributes.iter())
+        .filter(|kv| kv.key.as_str() == "server.port")
+        .map(|kv| kv.value.clone())
+        .collect();
+    assert!(!port_values.is_empty());
+    for value in port_values {
+        assert_eq!(
+            value,
+            opentelemetry::Value::I64(i64::from(db.config().primary.port))
+        );
+    }
     assert_eq!(attribute(ok, "error.type"), None);
     let (_, failed) = find("tour-divide");
     assert_eq!(attribute(failed, "db.response.status_code"), Some("22012"));

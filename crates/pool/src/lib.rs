@@ -79,7 +79,8 @@ pub use crate::error::{
 };
 pub use crate::otel::{
     CONNECTION_COUNT_METRIC, CONNECTION_CREATE_METRIC, CONNECTION_MAX_METRIC,
-    CONNECTION_TIMEOUTS_METRIC, CONNECTION_USE_METRIC, CONNECTION_WAIT_METRIC,
+    CONNECTION_PENDING_METRIC, CONNECTION_TIMEOUTS_METRIC, CONNECTION_USE_METRIC,
+    CONNECTION_WAIT_METRIC,
 };
 pub use crate::pool::{DedicatedConnection, Pool, PoolBuilder};
 pub use crate::sql::{Session, StatementClass, StatementKind, classify, first_keyword};

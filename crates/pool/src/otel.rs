@@ -12,6 +12,8 @@ use metrics::{Counter, Gauge, Histogram, Label};
 pub const CONNECTION_COUNT_METRIC: &str = "db.client.connection.count";
 /// Gauge of the most connections the pool opens (`pool.max_size`).
 pub const CONNECTION_MAX_METRIC: &str = "db.client.connection.max";
+/// Gauge of checkouts waiting for a connection.
+pub const CONNECTION_PENDING_METRIC: &str = "db.client.connection.pending_requests";
 /// Counter of checkouts that timed out.
 pub const CONNECTION_TIMEOUTS_METRIC: &str = "db.client.connection.timeouts";
 /// Histogram of the time to get a connection, in seconds.
@@ -25,6 +27,7 @@ pub const CONNECTION_USE_METRIC: &str = "db.client.connection.use_time";
 pub(crate) struct PoolSeries {
     idle: Gauge,
     used: Gauge,
+    pending: Gauge,
     timeouts: Counter,
     wait: Histogram,
     create: Histogram,
@@ -44,6 +47,7 @@ impl PoolSeries {
         PoolSeries {
             idle: metrics::gauge!(CONNECTION_COUNT_METRIC, state("idle")),
             used: metrics::gauge!(CONNECTION_COUNT_METRIC, state("used")),
+            pending: metrics::gauge!(CONNECTION_PENDING_METRIC, vec![pool.clone()]),
             timeouts: metrics::counter!(CONNECTION_TIMEOUTS_METRIC, vec![pool.clone()]),
             wait: metrics::histogram!(CONNECTION_WAIT_METRIC, vec![pool.clone()]),
             create: metrics::histogram!(CONNECTION_CREATE_METRIC, vec![pool.clone()]),
@@ -54,6 +58,16 @@ impl PoolSeries {
     pub(crate) fn connections(&self, idle: u64, used: u64) {
         self.idle.set(idle as f64);
         self.used.set(used as f64);
+    }
+
+    /// A checkout starts (`true`) or stops (`false`) waiting: moved by one,
+    /// so concurrent changes never leave a stale figure.
+    pub(crate) fn pending(&self, started: bool) {
+        if started {
+            self.pending.increment(1.0);
+        } else {
+            self.pending.decrement(1.0);
+        }
     }
 
     pub(crate) fn waited(&self, waited: Duration) {

@@ -233,6 +233,29 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// A checkout waiting for a connection: counted in [`Shared::waiters`] and
+/// in the `db.client.connection.pending_requests` gauge while it lives.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    _counted: Counted<'a>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.stats.pending(true);
+        Waiting {
+            shared,
+            _counted: Counted::new(&shared.waiters),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.shared.stats.pending(false);
+    }
+}
+
 /// bb8's connection manager: delegates connecting to bb8-postgres's
 /// [`PostgresConnectionManager`], bounded by the connect timeout and guarded
 /// by the circuit breaker.
@@ -561,7 +584,7 @@ impl Pool {
         let shared = &inner.shared;
         // Counted until a connection is found: the housekeeper opens
         // connections for waiting callers (bb8 tries only once for them).
-        let mut waiting = Some(Counted::new(&shared.waiters));
+        let mut waiting = Some(Waiting::new(shared));
         let permit = match permit {
             Some(permit) => permit,
             None => Arc::clone(&inner.gate)

@@ -261,6 +261,12 @@ impl Stats {
         self.publish_gauges();
     }
 
+    /// A checkout starts (`true`) or stops (`false`) waiting for a
+    /// connection.
+    pub(crate) fn pending(&self, started: bool) {
+        self.otel.pending(started);
+    }
+
     /// A connection was opened in `took` (TCP, TLS, login).
     pub(crate) fn created_in(&self, took: Duration) {
         self.otel.created_in(took);
