@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -545,11 +546,17 @@ impl<'a> Transaction<'a> {
     /// lets a `COMMIT` whose connection breaks be looked up on another
     /// connection. Read-only work never probes, so it never takes a
     /// transaction id.
-    fn probe(&self, class: StatementClass) -> Option<impl Future<Output = ()> + '_> {
+    ///
+    /// Boxed: it runs once per transaction, and unboxed its futures (a
+    /// prepare and a query) would be part of every statement's future.
+    fn probe(
+        &self,
+        class: StatementClass,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> {
         if !self.writable || class.is_read() || lock(&self.xact).is_some() {
             return None;
         }
-        Some(async {
+        Some(Box::pin(async {
             let seen = if self.prepared {
                 match self.tx.prepare_cached(XACT_PROBE_SQL).await {
                     Ok(statement) => self
@@ -574,7 +581,7 @@ impl<'a> Transaction<'a> {
             {
                 *lock(&self.xact) = Some(seen);
             }
-        })
+        }))
     }
 
     /// What the probe sent with the first write read, if it answered.
