@@ -652,10 +652,12 @@ impl Pool {
         }
     }
 
-    /// The pool's figures right now.
+    /// The pool's figures right now. Also writes the connection-count
+    /// gauges, which are otherwise written each housekeeping tick.
     pub fn status(&self) -> PoolStatus {
         let shared = &self.inner.shared;
         let stats = &shared.stats;
+        stats.publish_gauges();
         let state = self.inner.bb8.state();
         let last = shared.last_error();
         PoolStatus {
@@ -1008,6 +1010,7 @@ async fn housekeeper(pool: Weak<PoolInner>, shared: Arc<Shared>) {
         let pool_handle = Pool { inner };
         pool_handle.sweep();
         shared.leaks.scan(&shared.label, &shared.stats);
+        shared.stats.publish_gauges();
         match pool_handle.refill().await {
             Refill::Healthy => {
                 if failures > 0 {

@@ -231,7 +231,13 @@ impl Stats {
         }
     }
 
-    fn publish_gauges(&self) {
+    /// Writes the connection-count gauges (idle and in use, under both
+    /// names) from the counters. Called when a connection opens or closes,
+    /// each housekeeping tick and by [`crate::Pool::status`], not on every
+    /// checkout and return: four shared gauges written per checkout and per
+    /// return were a quarter of the pool's own cost (a profile of the
+    /// checkout benchmark), and a scrape reads them every few seconds.
+    pub(crate) fn publish_gauges(&self) {
         let live = self.live.load(Ordering::Relaxed);
         let in_use = self.in_use.load(Ordering::Relaxed);
         self.m_in_use.set(in_use as f64);
@@ -258,7 +264,6 @@ impl Stats {
         self.in_use.fetch_add(1, Ordering::Relaxed);
         self.m_acquire.record(waited.as_secs_f64());
         self.otel.waited(waited);
-        self.publish_gauges();
     }
 
     /// A checkout starts (`true`) or stops (`false`) waiting for a
@@ -279,7 +284,6 @@ impl Stats {
 
     pub(crate) fn returned(&self) {
         self.in_use.fetch_sub(1, Ordering::Relaxed);
-        self.publish_gauges();
     }
 
     pub(crate) fn timed_out(&self, waited: Duration) {

@@ -433,6 +433,11 @@ async fn metrics_are_published_per_node_with_close_reasons() -> anyhow::Result<(
     assert!(common::eventually(Duration::from_secs(3), || pool.status().size >= 1).await);
 
     let conn = pool.get("metered").await?;
+    // The connection-count gauges are written by `status()`, each
+    // housekeeping tick and when a connection opens or closes, not per
+    // checkout.
+    let status = pool.status();
+    assert_eq!(status.in_use, 1);
     let snap = snapshotter.snapshot().into_vec();
     let node = ("node", "primary");
     assert_eq!(
@@ -456,6 +461,19 @@ async fn metrics_are_published_per_node_with_close_reasons() -> anyhow::Result<(
         Some(1.0)
     );
     drop(conn);
+    // The housekeeper writes them without being asked. (A snapshot of the
+    // debugging recorder zeroes the gauges it reads: the idle count shows
+    // the write.)
+    let idle_written = common::eventually(Duration::from_secs(3), || {
+        let snap = snapshotter.snapshot().into_vec();
+        metric(
+            &snap,
+            "pgstack_pool_connections",
+            &[node, ("state", "idle")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(idle_written, "the housekeeper wrote the idle gauge");
 
     pool.recycle_all();
     assert!(
