@@ -44,12 +44,23 @@ type Acked = (i64, i32);
 /// it returns the transaction's id and server, so that a "committed"
 /// look-up can be tied to its row.
 async fn post_entry(db: &Database, op: &'static str, id: i64) -> Result<Acked, Error> {
+    post_entry_of_task(db, op, id, 1).await
+}
+
+/// [`post_entry`] with the row's `task` given (a deferred trigger may look
+/// at it).
+async fn post_entry_of_task(
+    db: &Database,
+    op: &'static str,
+    id: i64,
+    task: i32,
+) -> Result<Acked, Error> {
     db.transaction(op, async move |tx| {
         let row = tx
             .query_one(
-                "INSERT INTO ledger (id, task) VALUES ($1, 1) \
+                "INSERT INTO ledger (id, task) VALUES ($1, $2) \
                  RETURNING txid_current(), inet_server_port()",
-                &[&id],
+                &[&id, &task],
             )
             .await?;
         Ok((row.get(0), row.get(1)))
@@ -554,17 +565,7 @@ fn slow_commit_trigger(port: u16) -> String {
 
 /// [`post_entry`] of a row whose `COMMIT` is slow ([`slow_commit_trigger`]).
 async fn post_slow_entry(db: Database, id: i64) -> Result<Acked, Error> {
-    db.transaction(PROMOTION_OP, async move |tx| {
-        let row = tx
-            .query_one(
-                "INSERT INTO ledger (id, task) VALUES ($1, 2) \
-                 RETURNING txid_current(), inet_server_port()",
-                &[&id],
-            )
-            .await?;
-        Ok((row.get(0), row.get(1)))
-    })
-    .await
+    post_entry_of_task(&db, PROMOTION_OP, id, 2).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,15 @@ fn is_usage(error: &Error) -> bool {
     matches!(error, Error::Usage { .. })
 }
 
+/// The transaction was rolled back for a failure the closure did not wait
+/// for, and left nothing in `orders`.
+async fn rolled_back_unseen(tdb: &TestDb, error: &Error) {
+    let text = common::checked(error);
+    assert!(is_transaction_aborted(error), "{text}");
+    assert!(text.contains("did not wait for"), "{text}");
+    assert_eq!(count(tdb, "orders").await, 0);
+}
+
 async fn done(db: Database) {
     db.shutdown(Duration::from_secs(5)).await;
 }
@@ -164,10 +173,7 @@ async fn a_failed_statement_the_closure_did_not_wait_for_is_seen_at_commit() {
         })
         .await
         .expect_err("the server rolled it back");
-    let text = common::checked(&error);
-    assert!(is_transaction_aborted(&error), "{text}");
-    assert!(text.contains("did not wait for"), "{text}");
-    assert_eq!(count(&tdb, "orders").await, 0);
+    rolled_back_unseen(&tdb, &error).await;
     done(db).await;
 }
 
@@ -192,10 +198,7 @@ async fn a_stream_dropped_before_its_failing_rows_is_seen_at_commit() {
         })
         .await
         .expect_err("the server rolled it back");
-    let text = common::checked(&error);
-    assert!(is_transaction_aborted(&error), "{text}");
-    assert!(text.contains("did not wait for"), "{text}");
-    assert_eq!(count(&tdb, "orders").await, 0);
+    rolled_back_unseen(&tdb, &error).await;
 
     // Read to its end, a stream leaves the transaction to commit.
     db.transaction("read-stream", async |tx| {
