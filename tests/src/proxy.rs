@@ -159,6 +159,12 @@ impl ChaosProxy {
         self.resets.send_modify(|generation| *generation += 1);
     }
 
+    /// How many times [`ChaosProxy::reset_all`] ran (by a test or by
+    /// [`ChaosProxy::keep_resetting`]).
+    pub fn reset_rounds(&self) -> u64 {
+        *self.resets.borrow()
+    }
+
     /// Resets every open connection again and again until `stop` is set,
     /// and returns how many times it did: each reset comes after a random
     /// pause of 10–60 ms, and never before `at_least` operations have ended
