@@ -432,16 +432,28 @@ fn serde_json_like(status: &pgstack::Status) -> String {
 /// A server on `addr`'s port that is not PostgreSQL: it answers every
 /// connection with an HTTP error (`talk`) or says nothing (`!talk`).
 async fn not_postgres(talk: bool) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((mut socket, _)) = listener.accept().await {
             if talk {
-                let _ = socket
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                    .await;
+                tokio::spawn(async move {
+                    // The client's first packet is read before the answer,
+                    // and the socket drained until the client closes: a
+                    // socket closed with unread data is reset, and the
+                    // reset can overtake the answer ("connection reset"
+                    // instead of "does not speak the protocol", once in a
+                    // CI run).
+                    let mut buf = [0_u8; 1024];
+                    let _ = socket.read(&mut buf).await;
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    let _ = socket.shutdown().await;
+                    while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
             } else {
                 held.push(socket);
             }
