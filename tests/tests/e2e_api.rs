@@ -22,13 +22,7 @@ const TABLES: &str = "CREATE TABLE bills (id bigint PRIMARY KEY, amount_cents bi
      INSERT INTO bills VALUES (1, 1000, 'first', false), (2, 250, NULL, true), (3, 75, 'third', false)";
 
 async fn setup() -> (TestDb, Database) {
-    let tdb = TestDb::new().await.unwrap();
-    tdb.client()
-        .await
-        .unwrap()
-        .batch_execute(TABLES)
-        .await
-        .unwrap();
+    let tdb = common::db_with(TABLES).await;
     let db = common::connect(common::config(tdb.url())).await;
     (tdb, db)
 }

@@ -47,13 +47,7 @@ const TABLES: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, item text); \
 
 /// A fresh database with the tables above, and a `Database` on it.
 async fn setup(edit: impl FnOnce(&mut DatabaseConfig)) -> (TestDb, Database) {
-    let tdb = TestDb::new().await.unwrap();
-    tdb.client()
-        .await
-        .unwrap()
-        .batch_execute(TABLES)
-        .await
-        .unwrap();
+    let tdb = common::db_with(TABLES).await;
     let db = database(&tdb, edit).await;
     (tdb, db)
 }

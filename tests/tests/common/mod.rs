@@ -62,6 +62,18 @@ pub(crate) fn config(url: &str) -> DatabaseConfig {
     config
 }
 
+/// A fresh database with `schema` (statements separated by `;`) run in it.
+pub(crate) async fn db_with(schema: &str) -> pgstack_tests::TestDb {
+    let tdb = pgstack_tests::TestDb::new().await.unwrap();
+    tdb.client()
+        .await
+        .unwrap()
+        .batch_execute(schema)
+        .await
+        .unwrap();
+    tdb
+}
+
 /// Connects a `Database` over `config` (failing at once if unreachable).
 pub(crate) async fn connect(config: DatabaseConfig) -> Database {
     match Database::builder().config(config).connect().await {
