@@ -387,16 +387,20 @@ async fn connect(
             });
         };
         let waited = started.elapsed();
-        let delay = backoff.delay(attempt, previous);
-        previous = delay;
-        if waited + delay > limit {
+        // The wait lasts what it was given: the last pause is cut to end at
+        // the limit and one more attempt is made there, so a database that
+        // comes up late in the window is still found, however long the
+        // jittered pause drawn would have been.
+        let Some(left) = limit.checked_sub(waited).filter(|left| !left.is_zero()) else {
             return Err(StartError::WaitTimedOut {
                 waited,
                 attempts: attempt,
                 explanation,
                 source: error,
             });
-        }
+        };
+        let delay = backoff.delay(attempt, previous).min(left);
+        previous = delay;
         emit(StartEvent::WaitingForDatabase {
             attempt,
             waited,

@@ -187,6 +187,33 @@ async fn start_waits_for_a_database_that_comes_up() {
     orchestrator.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A pause longer than what is left of the wait must not end it early: the
+/// last pause is cut to the limit and one more attempt is made there.
+#[tokio::test]
+async fn a_database_that_comes_up_within_the_wait_is_found_when_the_pause_is_longer() {
+    init_tracing();
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.stop().await.unwrap();
+    let mut config = config(&cluster.url("postgres"));
+    // Every pause is 2 s, longer than the whole wait.
+    config.retry.initial_backoff = Duration::from_secs(2);
+    config.retry.max_backoff = Duration::from_secs(2);
+    config.retry.jitter = pgstack_config::Jitter::None;
+    let started = Instant::now();
+    let start = tokio::spawn(Orchestrator::start(
+        config,
+        StartOptions::new().wait_for_database(Duration::from_millis(1500)),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!start.is_finished(), "the start must wait for the database");
+    cluster.start_again().await.unwrap();
+
+    let orchestrator = start.await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(orchestrator.metrics().connect_attempts, 2);
+    orchestrator.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn start_fails_fast_without_a_wait_and_gives_up_after_one() {
     init_tracing();
@@ -247,8 +274,10 @@ async fn the_configured_wait_applies_unless_the_code_asks_to_fail_fast() {
         matches!(error, StartError::WaitTimedOut { attempts, .. } if attempts > 1),
         "{error:?}"
     );
+    // It tried for the whole wait, whatever pauses the jitter drew: it
+    // gives up only once the limit has passed.
     assert!(
-        started.elapsed() >= Duration::from_millis(500),
+        started.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         started.elapsed()
     );
