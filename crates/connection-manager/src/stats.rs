@@ -330,6 +330,8 @@ struct CallSeries {
     error: metrics::Counter,
     unknown: metrics::Counter,
     duration: metrics::Histogram,
+    /// OpenTelemetry's `db.client.operation.duration` of successful calls.
+    operation: metrics::Histogram,
 }
 
 /// What a call's series are found by. A static operation name is known by
@@ -428,7 +430,7 @@ impl SeriesCache {
         &self,
         op: &crate::route::Op,
         route: crate::route::Route,
-        node: Option<(usize, &std::sync::Arc<str>)>,
+        node: Option<&crate::node::Node>,
         outcome: &'static str,
         elapsed: Duration,
     ) {
@@ -437,7 +439,9 @@ impl SeriesCache {
             crate::route::Route::Write => 1,
             crate::route::Route::ReadAfter(_) => 2,
         };
-        let node_code = node.map_or(u16::MAX, |(i, _)| u16::try_from(i).unwrap_or(u16::MAX - 1));
+        let node_code = node.map_or(u16::MAX, |n| {
+            u16::try_from(n.inner.index).unwrap_or(u16::MAX - 1)
+        });
         let key = match op.static_name() {
             Some(name) => {
                 SeriesKey::Static(name.as_ptr() as usize, name.len(), route_code, node_code)
@@ -447,19 +451,23 @@ impl SeriesCache {
         let shard = &self.shards
             [(route_code as usize + node_code as usize * 3 + op.name().len()) % self.shards.len()];
         let record = |series: &CallSeries| {
+            let seconds = elapsed.as_secs_f64();
             match outcome {
-                "ok" => series.ok.increment(1),
+                "ok" => {
+                    series.ok.increment(1);
+                    series.operation.record(seconds);
+                }
                 "unknown" => series.unknown.increment(1),
                 _ => series.error.increment(1),
             }
-            series.duration.record(elapsed.as_secs_f64());
+            series.duration.record(seconds);
         };
         if let Some(series) = shard.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
             record(series);
             return;
         }
         let node_label = match node {
-            Some((_, name)) => metrics::SharedString::from(std::sync::Arc::clone(name)),
+            Some(node) => metrics::SharedString::from(std::sync::Arc::clone(node.name_arc())),
             None => metrics::SharedString::const_str("none"),
         };
         let route_label = metrics::SharedString::const_str(route.as_str());
@@ -482,6 +490,7 @@ impl SeriesCache {
                 "route" => route_label.clone(),
                 "node" => node_label.clone()
             ),
+            operation: crate::telemetry::ok_histogram(op, node),
         };
         record(&series);
         let mut map = shard.write().unwrap_or_else(|p| p.into_inner());

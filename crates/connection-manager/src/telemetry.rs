@@ -1,7 +1,8 @@
 //! OpenTelemetry's stable database conventions, beside the `pgstack_`
 //! names: the attributes of each call's span and the
 //! `db.client.operation.duration` histogram. The hot path calls
-//! [`finished`] once per call; everything it records lives here.
+//! [`finished`] once per call, and records a success's duration through the
+//! handle [`ok_histogram`] resolved once per (operation, route, node).
 //!
 //! | span attribute | value |
 //! |---|---|
@@ -13,8 +14,6 @@
 //! | `server.address`, `server.port` | the node that answered |
 //! | `error.type` | the SQLSTATE, else the kind of failure (`timeout`, `connection`, …) |
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metrics::{Histogram, SharedString};
@@ -60,27 +59,13 @@ macro_rules! call_span {
 }
 pub(crate) use call_span;
 
-/// What a node's calls carry: where it is, and the duration histogram per
-/// operation, resolved once.
+/// What a node's calls carry: where it is, as attributes and labels.
 pub(crate) struct NodeAttributes {
     address: SharedString,
     port: u16,
     port_label: SharedString,
     namespace: SharedString,
-    /// Handles of successful calls' durations per operation.
-    ok: RwLock<HashMap<OpKey, Histogram>>,
 }
-
-/// An operation by its static text's address, or its shared name.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum OpKey {
-    Static(usize, usize),
-    Shared(Arc<str>),
-}
-
-/// Operations per node whose histogram handle is kept; past it, each call
-/// resolves its own (a program with unbounded operation names).
-const MAX_KEPT: usize = 1024;
 
 impl NodeAttributes {
     pub(crate) fn new(settings: &NodeSettings) -> Self {
@@ -89,7 +74,6 @@ impl NodeAttributes {
             port: settings.port,
             port_label: SharedString::from(settings.port.to_string()),
             namespace: SharedString::from(settings.database.clone()),
-            ok: RwLock::new(HashMap::new()),
         }
     }
 
@@ -112,22 +96,20 @@ impl NodeAttributes {
         }
         metrics::histogram!(OPERATION_DURATION_METRIC, labels)
     }
+}
 
-    fn record_ok(&self, op: &Op, seconds: f64) {
-        let key = match op.static_name() {
-            Some(name) => OpKey::Static(name.as_ptr() as usize, name.len()),
-            None => OpKey::Shared(op.shared_name()),
-        };
-        if let Some(h) = self.ok.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            h.record(seconds);
-            return;
-        }
-        let h = self.histogram(op, None);
-        h.record(seconds);
-        let mut kept = self.ok.write().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < MAX_KEPT {
-            kept.entry(key).or_insert(h);
-        }
+/// The [`OPERATION_DURATION_METRIC`] histogram of `op`'s successful calls
+/// on `node`. Resolved once per (operation, route, node) and kept with the
+/// call's other series (`stats::SeriesCache`), so a successful call records
+/// it without a look-up of its own.
+pub(crate) fn ok_histogram(op: &Op, node: Option<&Node>) -> Histogram {
+    match node {
+        Some(node) => node.inner.attributes.histogram(op, None),
+        None => metrics::histogram!(
+            OPERATION_DURATION_METRIC,
+            "db.system.name" => DB_SYSTEM,
+            "db.operation.name" => op.label()
+        ),
     }
 }
 
@@ -179,54 +161,52 @@ pub(crate) fn record_query_text(span: &tracing::Span, sql: &str, enabled: bool) 
     }
 }
 
-/// One finished call: its outcome on the current span (the call's), and its
-/// duration in [`OPERATION_DURATION_METRIC`].
-pub(crate) fn finished(op: &Op, node: Option<&Node>, elapsed: Duration, error: Option<&Error>) {
-    let seconds = elapsed.as_secs_f64();
-    let span = tracing::Span::current();
+/// One finished call: its outcome on the current span (the call's), and a
+/// failure's duration in [`OPERATION_DURATION_METRIC`] (a success's is
+/// recorded with the call's other series).
+pub(crate) fn finished(node: Option<&Node>, op: &Op, elapsed: Duration, error: Option<&Error>) {
+    // The call's span is a DEBUG span: when nothing listens at that level
+    // it is disabled, and the current span is not even looked up.
+    let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    };
     if let Some(node) = node {
         record_node(&span, node);
     }
-    if let Some(error) = error {
-        let code = error.code().map(str::to_owned);
-        let kind = error_kind(error);
-        if !span.is_disabled() {
-            span.record("error.type", code.as_deref().unwrap_or(kind));
-            span.record("otel.status_code", "error");
-            if let Some(code) = &code {
-                span.record("db.response.status_code", code.as_str());
-            }
-        }
-        match node {
-            Some(node) => node
-                .inner
-                .attributes
-                .histogram(op, Some((kind, code)))
-                .record(seconds),
-            None => {
-                let mut labels = vec![
-                    metrics::Label::new("db.system.name", DB_SYSTEM),
-                    metrics::Label::new("db.operation.name", op.label()),
-                ];
-                match code {
-                    Some(code) => {
-                        labels.push(metrics::Label::new("error.type", code.clone()));
-                        labels.push(metrics::Label::new("db.response.status_code", code));
-                    }
-                    None => labels.push(metrics::Label::new("error.type", kind)),
-                }
-                metrics::histogram!(OPERATION_DURATION_METRIC, labels).record(seconds);
-            }
-        }
+    let Some(error) = error else {
         return;
+    };
+    let seconds = elapsed.as_secs_f64();
+    let code = error.code().map(str::to_owned);
+    let kind = error_kind(error);
+    if !span.is_disabled() {
+        span.record("error.type", code.as_deref().unwrap_or(kind));
+        span.record("otel.status_code", "error");
+        if let Some(code) = &code {
+            span.record("db.response.status_code", code.as_str());
+        }
     }
     match node {
-        Some(node) => node.inner.attributes.record_ok(op, seconds),
-        None => metrics::histogram!(
-            OPERATION_DURATION_METRIC,
-            "db.system.name" => DB_SYSTEM,
-            "db.operation.name" => op.label()
-        )
-        .record(seconds),
+        Some(node) => node
+            .inner
+            .attributes
+            .histogram(op, Some((kind, code)))
+            .record(seconds),
+        None => {
+            let mut labels = vec![
+                metrics::Label::new("db.system.name", DB_SYSTEM),
+                metrics::Label::new("db.operation.name", op.label()),
+            ];
+            match code {
+                Some(code) => {
+                    labels.push(metrics::Label::new("error.type", code.clone()));
+                    labels.push(metrics::Label::new("db.response.status_code", code));
+                }
+                None => labels.push(metrics::Label::new("error.type", kind)),
+            }
+            metrics::histogram!(OPERATION_DURATION_METRIC, labels).record(seconds);
+        }
     }
 }

@@ -137,10 +137,13 @@ async fn statements_carry_the_database_conventions_on_success_and_failure() {
     assert!(config.telemetry.query_text, "on in the test profile");
     let cluster = Cluster::connect(&config).await.unwrap();
     let sql = "SELECT $1::int + 1";
-    cluster
-        .query_one("otel-add", Route::Write, sql, &[&987_654_i32])
-        .await
-        .unwrap();
+    // Three calls: the duration histogram gets one value per call.
+    for _ in 0..3 {
+        cluster
+            .query_one("otel-add", Route::Write, sql, &[&987_654_i32])
+            .await
+            .unwrap();
+    }
     let ok = spans.named("otel-add");
     eprintln!("{ok:?}");
     assert_eq!(ok.name, "pgstack.statement");
@@ -205,6 +208,10 @@ async fn statements_carry_the_database_conventions_on_success_and_failure() {
     assert_eq!(ok_series.0["db.namespace"], db.name());
     assert_eq!(ok_series.0["server.port"], config.primary.port.to_string());
     assert!(!ok_series.0.contains_key("error.type"));
+    match &ok_series.1 {
+        DebugValue::Histogram(values) => assert_eq!(values.len(), 3, "one value per call"),
+        other => panic!("{other:?}"),
+    }
     let failed_series = durations
         .iter()
         .find(|(l, _)| l.get("db.operation.name").map(String::as_str) == Some("otel-divide"))

@@ -317,15 +317,9 @@ impl Cluster {
                 node.inner.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
-        crate::telemetry::finished(op, node, elapsed, result.as_ref().err().map(|(e, _)| e));
+        crate::telemetry::finished(node, op, elapsed, result.as_ref().err().map(|(e, _)| e));
         // The series' handles are resolved once per (op, route, node).
-        counters.series.record(
-            op,
-            route,
-            node.map(|n| (n.inner.index, n.name_arc())),
-            outcome,
-            elapsed,
-        );
+        counters.series.record(op, route, node, outcome, elapsed);
         result.map_err(|(e, _)| e)
     }
 }
