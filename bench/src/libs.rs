@@ -33,10 +33,31 @@ pub(crate) fn pgstack_config(url: &str, pool_size: u32) -> anyhow::Result<Databa
     Ok(config)
 }
 
+/// `--shared-connections`, when given.
+static SHARED_CONNECTIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Sets the facade's shared connections per node for the whole run.
+pub(crate) fn set_shared_connections(lanes: Option<usize>) {
+    if let Some(lanes) = lanes {
+        let _ = SHARED_CONNECTIONS.set(lanes);
+    }
+}
+
+/// The facade's shared connections per node when `--shared-connections`
+/// changed them.
+pub(crate) fn shared_connections() -> Option<usize> {
+    SHARED_CONNECTIONS.get().copied()
+}
+
 /// The facade, connected.
 pub(crate) async fn pgstack(config: DatabaseConfig) -> anyhow::Result<Database> {
+    let mut options = pgstack::StartOptions::new();
+    if let Some(lanes) = shared_connections() {
+        options = options.shared_connections(lanes);
+    }
     Database::builder()
         .config(config)
+        .options(options)
         .connect()
         .await
         .context("starting pgstack's Database")

@@ -73,6 +73,12 @@ struct Args {
     /// target/bench/tracing.log).
     #[arg(long, default_value = "info")]
     trace_level: String,
+    /// Shared (pipelined) connections per node for pgstack's facade instead
+    /// of its default: an experiment on the lanes' queueing (0 gives every
+    /// statement a connection of its own). A report meant to be kept runs
+    /// with the default; the value is written in the JSON's `machine`.
+    #[arg(long)]
+    shared_connections: Option<usize>,
 }
 
 /// What every case needs.
@@ -109,6 +115,13 @@ fn workspace_root() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.shared_connections.is_some() && !args.no_markdown {
+        anyhow::bail!(
+            "--shared-connections is an experiment and docs/benchmarks.md holds runs with the \
+             defaults: add --no-markdown (the figures go to the JSON only)"
+        );
+    }
+    libs::set_shared_connections(args.shared_connections);
     let root = workspace_root();
     let absolute = |p: &Path| {
         if p.is_absolute() {
@@ -218,6 +231,9 @@ async fn run(
     machine.insert("loadavg_end".into(), Value::from(loadavg()));
     machine.insert("postgres".into(), Value::from(postgres));
     machine.insert("tokio_workers".into(), Value::from(2));
+    if let Some(lanes) = libs::shared_connections() {
+        machine.insert("pgstack_shared_connections".into(), Value::from(lanes));
+    }
     machine.insert("repeats".into(), Value::from(ctx.repeats));
     machine.insert(
         "window".into(),
