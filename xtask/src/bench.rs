@@ -36,6 +36,10 @@ pub(crate) struct BenchArgs {
     /// is already there (full mode runs it only when it is missing).
     #[arg(long)]
     rerun_criterion: bool,
+    /// pgstack's shared connections per node instead of its default: an
+    /// experiment on the lanes' queueing (needs `--no-markdown`).
+    #[arg(long)]
+    shared_connections: Option<usize>,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -73,6 +77,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.no_markdown {
         command.arg("--no-markdown");
+    }
+    if let Some(lanes) = args.shared_connections {
+        command.args(["--shared-connections", &lanes.to_string()]);
     }
     let status = command
         .status()
