@@ -490,7 +490,7 @@ impl SeriesCache {
                 "route" => route_label.clone(),
                 "node" => node_label.clone()
             ),
-            operation: crate::telemetry::ok_histogram(op, node),
+            operation: crate::telemetry::histogram(op, node, None),
         };
         record(&series);
         let mut map = shard.write().unwrap_or_else(|p| p.into_inner());

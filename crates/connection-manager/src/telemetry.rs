@@ -2,7 +2,7 @@
 //! names: the attributes of each call's span and the
 //! `db.client.operation.duration` histogram. The hot path calls
 //! [`finished`] once per call, and records a success's duration through the
-//! handle [`ok_histogram`] resolved once per (operation, route, node).
+//! handle of [`histogram`] resolved once per (operation, route, node).
 //!
 //! | span attribute | value |
 //! |---|---|
@@ -76,41 +76,48 @@ impl NodeAttributes {
             namespace: SharedString::from(settings.database.clone()),
         }
     }
-
-    fn histogram(&self, op: &Op, error: Option<(&'static str, Option<String>)>) -> Histogram {
-        let mut labels = vec![
-            metrics::Label::new("db.system.name", DB_SYSTEM),
-            metrics::Label::new("db.operation.name", op.label()),
-            metrics::Label::new("db.namespace", self.namespace.clone()),
-            metrics::Label::new("server.address", self.address.clone()),
-            metrics::Label::new("server.port", self.port_label.clone()),
-        ];
-        if let Some((kind, code)) = error {
-            match code {
-                Some(code) => {
-                    labels.push(metrics::Label::new("error.type", code.clone()));
-                    labels.push(metrics::Label::new("db.response.status_code", code));
-                }
-                None => labels.push(metrics::Label::new("error.type", kind)),
-            }
-        }
-        metrics::histogram!(OPERATION_DURATION_METRIC, labels)
-    }
 }
 
-/// The [`OPERATION_DURATION_METRIC`] histogram of `op`'s successful calls
-/// on `node`. Resolved once per (operation, route, node) and kept with the
-/// call's other series (`stats::SeriesCache`), so a successful call records
-/// it without a look-up of its own.
-pub(crate) fn ok_histogram(op: &Op, node: Option<&Node>) -> Histogram {
-    match node {
-        Some(node) => node.inner.attributes.histogram(op, None),
-        None => metrics::histogram!(
-            OPERATION_DURATION_METRIC,
-            "db.system.name" => DB_SYSTEM,
-            "db.operation.name" => op.label()
-        ),
+/// The [`OPERATION_DURATION_METRIC`] histogram of `op`'s calls on `node`
+/// (the server's labels left out when no node answered): successful ones
+/// when `error` is `None`, else those that failed with that kind and
+/// SQLSTATE. A success's is resolved once per (operation, route, node) and
+/// kept with the call's other series (`stats::SeriesCache`), so a
+/// successful call records it without a look-up of its own.
+pub(crate) fn histogram(
+    op: &Op,
+    node: Option<&Node>,
+    error: Option<(&'static str, Option<String>)>,
+) -> Histogram {
+    let mut labels = vec![
+        metrics::Label::new("db.system.name", DB_SYSTEM),
+        metrics::Label::new("db.operation.name", op.label()),
+    ];
+    if let Some(node) = node {
+        let attributes = &node.inner.attributes;
+        labels.push(metrics::Label::new(
+            "db.namespace",
+            attributes.namespace.clone(),
+        ));
+        labels.push(metrics::Label::new(
+            "server.address",
+            attributes.address.clone(),
+        ));
+        labels.push(metrics::Label::new(
+            "server.port",
+            attributes.port_label.clone(),
+        ));
     }
+    if let Some((kind, code)) = error {
+        match code {
+            Some(code) => {
+                labels.push(metrics::Label::new("error.type", code.clone()));
+                labels.push(metrics::Label::new("db.response.status_code", code));
+            }
+            None => labels.push(metrics::Label::new("error.type", kind)),
+        }
+    }
+    metrics::histogram!(OPERATION_DURATION_METRIC, labels)
 }
 
 /// The kind of failure, for `error.type` when there is no SQLSTATE.
@@ -188,25 +195,5 @@ pub(crate) fn finished(node: Option<&Node>, op: &Op, elapsed: Duration, error: O
             span.record("db.response.status_code", code.as_str());
         }
     }
-    match node {
-        Some(node) => node
-            .inner
-            .attributes
-            .histogram(op, Some((kind, code)))
-            .record(seconds),
-        None => {
-            let mut labels = vec![
-                metrics::Label::new("db.system.name", DB_SYSTEM),
-                metrics::Label::new("db.operation.name", op.label()),
-            ];
-            match code {
-                Some(code) => {
-                    labels.push(metrics::Label::new("error.type", code.clone()));
-                    labels.push(metrics::Label::new("db.response.status_code", code));
-                }
-                None => labels.push(metrics::Label::new("error.type", kind)),
-            }
-            metrics::histogram!(OPERATION_DURATION_METRIC, labels).record(seconds);
-        }
-    }
+    histogram(op, node, Some((kind, code))).record(seconds);
 }
