@@ -250,7 +250,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         ctx.block_on(async {
             let admin = guard::admin_pool(&config, "restore")?;
             let result = async {
-                let conn = admin.get("restore: create database").await?;
+                let conn = guard::checkout(&admin, "restore: create database").await?;
                 conn.batch_execute(&format!(
                     "CREATE DATABASE {}",
                     guard::quote_ident(&database)
@@ -309,7 +309,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             let dropped = ctx.block_on(async {
                 let admin = guard::admin_pool(&config, "restore")?;
                 let result = async {
-                    let conn = admin.get("restore: drop the new database").await?;
+                    let conn = guard::checkout(&admin, "restore: drop the new database").await?;
                     conn.batch_execute(&format!(
                         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                         guard::quote_ident(&database)
@@ -464,7 +464,7 @@ async fn server_version(
 ) -> anyhow::Result<ServerVersion> {
     let pool = guard::pool_on(config, node.clone(), "backup")?;
     let result = async {
-        let conn = pool.get("backup: server version").await?;
+        let conn = guard::checkout(&pool, "backup: server version").await?;
         let row = conn
             .query_one(
                 "SELECT current_setting('server_version'), current_setting('server_version_num')::int",

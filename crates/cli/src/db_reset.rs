@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use pgstack_config::{DatabaseConfig, Environment, PoolSettings};
+use pgstack_config::{DatabaseConfig, Environment};
 use pgstack_migrations::{Event, Migrations, Migrator, UpTarget};
 use pgstack_pool::Pool;
 
@@ -269,7 +269,7 @@ async fn recorded_environment(
 }
 
 async fn recreate(admin: &Pool, name: &str) -> anyhow::Result<()> {
-    let conn = admin.get("db-reset: recreate database").await?;
+    let conn = guard::checkout(admin, "db-reset: recreate database").await?;
     let ident = quote_ident(name);
     conn.batch_execute(&format!("DROP DATABASE IF EXISTS {ident} WITH (FORCE)"))
         .await
@@ -283,17 +283,8 @@ async fn recreate(admin: &Pool, name: &str) -> anyhow::Result<()> {
 async fn load_seed(config: &DatabaseConfig, seed: &Path) -> anyhow::Result<()> {
     let sql = std::fs::read_to_string(seed)
         .with_context(|| format!("reading the seed file {}", seed.display()))?;
-    let pool = Pool::builder(config.primary.clone())
-        .name("db-reset seed")
-        .pool_settings(PoolSettings {
-            min_idle: 0,
-            max_size: 1,
-            ..config.pool.clone()
-        })
-        .tls(config.tls.clone())
-        .without_circuit_breaker()
-        .build_lazy()?;
-    let mut conn = pool.get("db-reset: seed").await?;
+    let pool = guard::pool_on(config, config.primary.clone(), "db-reset seed")?;
+    let mut conn = guard::checkout(&pool, "db-reset: seed").await?;
     let tx = conn.transaction().await?;
     tx.batch_execute(&sql)
         .await

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use pgstack_config::{DatabaseConfig, Environment, NodeSettings, PoolSettings};
-use pgstack_pool::Pool;
+use pgstack_pool::{Pool, PoolError, PooledConnection};
 
 use crate::context::{Context, Target};
 
@@ -148,9 +148,30 @@ pub(crate) fn pool_on(
         .build_lazy()?)
 }
 
+/// A connection from one of the command's own pools ([`pool_on`],
+/// [`admin_pool`]). While the pool has no connection open, the first login
+/// is made with [`Pool::probe`], which fails at once with the cause and its
+/// fix (nothing listens, wrong password, no such database). A plain checkout
+/// would wait `pool.acquire_timeout` for a connection that never comes, and
+/// a shorter `--timeout` would cut it off with "no answer" instead.
+pub(crate) async fn checkout(pool: &Pool, what: &'static str) -> anyhow::Result<PooledConnection> {
+    if pool.status().size == 0 {
+        match pool.probe().await {
+            Ok(()) => {}
+            // The explanation says it all; the driver's chain would say it again.
+            Err(PoolError::Connect(failed)) => match failed.explanation() {
+                Some(explained) => anyhow::bail!("{explained}"),
+                None => return Err(PoolError::Connect(failed).into()),
+            },
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Ok(pool.get(what).await?)
+}
+
 /// Whether the server has a database called `name`.
 pub(crate) async fn database_exists(admin: &Pool, name: &str) -> anyhow::Result<bool> {
-    let conn = admin.get("look up database").await?;
+    let conn = checkout(admin, "look up database").await?;
     let row = conn
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await
@@ -160,7 +181,7 @@ pub(crate) async fn database_exists(admin: &Pool, name: &str) -> anyhow::Result<
 
 /// The environment the database records in `pgstack_metadata`, if any (read through `pool`).
 pub(crate) async fn recorded_environment(pool: &Pool) -> anyhow::Result<Option<Environment>> {
-    let conn = pool.get("read pgstack_metadata").await?;
+    let conn = checkout(pool, "read pgstack_metadata").await?;
     let exists: bool = conn
         .query_one("SELECT to_regclass('pgstack_metadata') IS NOT NULL", &[])
         .await

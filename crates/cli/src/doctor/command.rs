@@ -215,7 +215,7 @@ async fn examine_node(
 ) -> anyhow::Result<Report> {
     let pool = pool_on(config, node, what)?;
     let result = async {
-        let mut conn = pool.get("doctor").await?;
+        let mut conn = crate::guard::checkout(&pool, "doctor").await?;
         let client = conn.client_unchecked();
         client
             .batch_execute(SESSION)
@@ -239,7 +239,7 @@ async fn examine_replica_node(
 ) -> anyhow::Result<Vec<Finding>> {
     let pool = pool_on(config, node, "doctor replica")?;
     let result = async {
-        let mut conn = pool.get("doctor replica").await?;
+        let mut conn = crate::guard::checkout(&pool, "doctor replica").await?;
         let client = conn.client_unchecked();
         client.batch_execute(SESSION).await?;
         anyhow::Ok(super::examine_replica(client, name, &options.thresholds).await?)
