@@ -14,6 +14,11 @@ use crate::load::Worker;
 pub(crate) const PGSTACK: &str = "pgstack";
 pub(crate) const PGSTACK_POOL: &str = "pgstack-pool";
 pub(crate) const RAW: &str = "tokio-postgres";
+/// tokio-postgres's own pipelining: a few clients, each shared by many
+/// tasks (`--phases` only).
+pub(crate) const RAW_SHARED: &str = "tokio-postgres, 4 shared clients";
+/// The clients of [`RAW_SHARED`], as many as pgstack's default lanes.
+pub(crate) const RAW_SHARED_CLIENTS: usize = 4;
 pub(crate) const BB8: &str = "bb8-postgres";
 pub(crate) const DEADPOOL: &str = "deadpool-postgres";
 pub(crate) const SQLX: &str = "sqlx";
@@ -276,6 +281,51 @@ impl Worker for RawStatement {
             Query::Lookup { rows } => {
                 let id = self.ids.next(rows);
                 self.client.query_one(&self.statement, &[&id]).await?
+            }
+        };
+        check_pg_row(self.q, &row)
+    }
+}
+
+/// A client shared by several tasks (tokio-postgres pipelines their
+/// statements on its one connection), prepared once.
+pub(crate) struct RawSharedStatement {
+    pub(crate) client: std::sync::Arc<(Client, Statement)>,
+    pub(crate) q: Query,
+    pub(crate) ids: Ids,
+}
+
+impl RawSharedStatement {
+    /// `tasks` workers over [`RAW_SHARED_CLIENTS`] clients.
+    pub(crate) async fn connect(
+        url: &str,
+        q: Query,
+        tasks: usize,
+    ) -> anyhow::Result<Vec<RawSharedStatement>> {
+        let mut clients = Vec::with_capacity(RAW_SHARED_CLIENTS);
+        for _ in 0..RAW_SHARED_CLIENTS {
+            let client = raw(url).await?;
+            let statement = client.prepare(q.sql()).await?;
+            clients.push(std::sync::Arc::new((client, statement)));
+        }
+        Ok((0..tasks)
+            .map(|i| RawSharedStatement {
+                client: std::sync::Arc::clone(&clients[i % RAW_SHARED_CLIENTS]),
+                q,
+                ids: Ids::new(i as u64),
+            })
+            .collect())
+    }
+}
+
+impl Worker for RawSharedStatement {
+    async fn call(&mut self) -> anyhow::Result<()> {
+        let (client, statement) = &*self.client;
+        let row = match self.q {
+            Query::Select1 => client.query_one(statement, &[]).await?,
+            Query::Lookup { rows } => {
+                let id = self.ids.next(rows);
+                client.query_one(statement, &[&id]).await?
             }
         };
         check_pg_row(self.q, &row)

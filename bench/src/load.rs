@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Barrier;
+
+use crate::phases::{self, CallPhases, Threads, Timed};
 use tokio::task::JoinHandle;
 
 /// One task's view of a library: one call (a checkout, a statement).
@@ -75,6 +77,8 @@ pub(crate) struct TaskOutcome {
     pub(crate) events: Vec<(Instant, bool)>,
     /// The first error's text.
     pub(crate) first_error: Option<String>,
+    /// Each call's phases (with `--phases`, when latencies are kept).
+    pub(crate) phases: Vec<CallPhases>,
 }
 
 /// Tasks started and waiting at the gate.
@@ -97,21 +101,31 @@ pub(crate) fn start<W: Worker>(workers: Vec<W>, options: Options) -> Running {
             tokio::spawn(async move {
                 let mut out = TaskOutcome::default();
                 let mut counted = false;
+                let timed = options.latencies && phases::enabled();
                 gate.wait().await;
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
-                    let result = match options.deadline {
-                        None => worker.call().await,
+                    let (result, call_phases) = match options.deadline {
+                        None if timed => {
+                            let (result, p) = Timed::new(worker.call()).await;
+                            (result, Some(p))
+                        }
+                        None => (worker.call().await, None),
                         Some(limit) => match tokio::time::timeout(limit, worker.call()).await {
-                            Ok(result) => result,
-                            Err(_) => Err(anyhow::anyhow!("no answer within {limit:?}")),
+                            Ok(result) => (result, None),
+                            Err(_) => (Err(anyhow::anyhow!("no answer within {limit:?}")), None),
                         },
                     };
                     let ended = Instant::now();
                     out.ops += 1;
                     if options.latencies {
-                        out.latencies
-                            .push(u64::try_from((ended - started).as_nanos()).unwrap_or(u64::MAX));
+                        let latency =
+                            u64::try_from((ended - started).as_nanos()).unwrap_or(u64::MAX);
+                        out.latencies.push(latency);
+                        if let Some(mut p) = call_phases {
+                            p.latency = latency;
+                            out.phases.push(p);
+                        }
                     }
                     if options.events {
                         out.events.push((ended, result.is_ok()));
@@ -172,6 +186,10 @@ pub(crate) struct Sample {
     /// Sorted latencies in nanoseconds (empty unless asked for).
     pub(crate) latencies: Vec<u64>,
     pub(crate) first_error: Option<String>,
+    /// Each call's phases, sorted by latency (empty unless `--phases`).
+    pub(crate) phases: Vec<CallPhases>,
+    /// The process's threads over the window (with `--phases`).
+    pub(crate) threads: Threads,
 }
 
 impl Sample {
@@ -203,8 +221,11 @@ pub(crate) async fn measure<W: Worker>(
             ..Options::default()
         },
     );
+    let threads = Threads::read();
     let began = running.begin().await;
     tokio::time::sleep(duration).await;
+    // Read before the tasks end: a task's own connection closes with it.
+    let threads = Threads::read().since(threads);
     let outcomes = running.finish().await?;
     let seconds = began.elapsed().as_secs_f64();
     let mut sample = Sample {
@@ -213,15 +234,19 @@ pub(crate) async fn measure<W: Worker>(
         seconds,
         latencies: Vec::new(),
         first_error: None,
+        phases: Vec::new(),
+        threads,
     };
     for outcome in outcomes {
         sample.ops += outcome.ops;
         sample.errors += outcome.errors;
         sample.latencies.extend(outcome.latencies);
+        sample.phases.extend(outcome.phases);
         if sample.first_error.is_none() {
             sample.first_error = outcome.first_error;
         }
     }
     sample.latencies.sort_unstable();
+    sample.phases.sort_unstable_by_key(|p| p.latency);
     Ok(sample)
 }

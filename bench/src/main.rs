@@ -38,6 +38,7 @@ mod load;
 mod migrations;
 mod mixed;
 mod pgbench;
+mod phases;
 mod recovery;
 mod report;
 mod statements;
@@ -79,6 +80,13 @@ struct Args {
     /// with the default; the value is written in the JSON's `machine`.
     #[arg(long)]
     shared_connections: Option<usize>,
+    /// Splits each statement's latency into queued (woken, waiting for a
+    /// worker), running (inside its polls) and waiting (for its answer),
+    /// and reports the means around the median and over the slowest 1 %
+    /// (cases 2, 7 and 8): an experiment on the tails, written to the JSON
+    /// only. The timing wrapper costs every library alike.
+    #[arg(long)]
+    phases: bool,
 }
 
 /// What every case needs.
@@ -121,7 +129,17 @@ fn main() -> anyhow::Result<()> {
              defaults: add --no-markdown (the figures go to the JSON only)"
         );
     }
+    if args.phases && !args.no_markdown {
+        anyhow::bail!(
+            "--phases is an experiment (its timing wrapper slows every call) and \
+             docs/benchmarks.md holds runs without it: add --no-markdown (the figures go to the \
+             JSON only)"
+        );
+    }
     libs::set_shared_connections(args.shared_connections);
+    if args.phases {
+        phases::enable();
+    }
     let root = workspace_root();
     let absolute = |p: &Path| {
         if p.is_absolute() {
@@ -170,6 +188,7 @@ async fn run(
     let rows = 10_000;
     let postgres = setup(&cluster, rows, &root).await?;
     say(format!("server: {postgres} on port {}", cluster.port()));
+    phases::set_server(cluster.data_dir());
     let ctx = Ctx {
         url: cluster.url(DB),
         cluster,
@@ -233,6 +252,9 @@ async fn run(
     machine.insert("tokio_workers".into(), Value::from(2));
     if let Some(lanes) = libs::shared_connections() {
         machine.insert("pgstack_shared_connections".into(), Value::from(lanes));
+    }
+    if args.phases {
+        machine.insert("phases".into(), Value::from(true));
     }
     machine.insert("repeats".into(), Value::from(ctx.repeats));
     machine.insert(

@@ -30,7 +30,7 @@ async fn slow_loop(lib: &Lib, stop: &AtomicBool) -> anyhow::Result<u64> {
                 n += 1;
             }
         }
-        Lib::Raw(url) => {
+        Lib::Raw(url) | Lib::RawShared(url) => {
             let client = libs::raw(url).await?;
             while !stop.load(Ordering::Relaxed) {
                 client.query(SLOW, &[]).await?;
@@ -64,13 +64,17 @@ async fn slow_loop(lib: &Lib, stop: &AtomicBool) -> anyhow::Result<u64> {
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
     crate::say("case 7: mixed load");
     let db = libs::pgstack(libs::pgstack_config(&ctx.url, POOL)?).await?;
-    let libs = Arc::new(vec![
+    let mut libs = vec![
         Lib::Pgstack(db.clone()),
         Lib::Raw(ctx.url.clone()),
         Lib::Bb8(libs::bb8(&ctx.url, POOL).await?),
         Lib::Deadpool(libs::deadpool(&ctx.url, POOL as usize)?),
         Lib::Sqlx(libs::sqlx(&ctx.url, POOL).await?),
-    ]);
+    ];
+    if crate::phases::enabled() {
+        libs.push(Lib::RawShared(ctx.url.clone()));
+    }
+    let libs = Arc::new(libs);
     // Warm every pool and statement cache, the slow statement's included.
     for lib in libs.iter() {
         lib.measure(Query::Select1, FAST_TASKS, ctx.warmup).await?;
@@ -90,7 +94,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                 .collect();
             // The slow statements are running before the window opens.
             tokio::time::sleep(Duration::from_millis(60)).await;
+            let busy = crate::statements::lanes_busy(lib);
             let sample = lib.measure(Query::Select1, FAST_TASKS, ctx.window).await;
+            let busy = busy.zip(crate::statements::lanes_busy(lib));
             stop.store(true, Ordering::Relaxed);
             let mut slow_done = 0;
             for task in slow {
@@ -102,6 +108,14 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
             medians[i].push("p99_us", 1, sample.quantile_us(0.99));
             medians[i].push("slow_per_s", 1, slow_done as f64 / sample.seconds);
             medians[i].push("errors", 0, sample.errors as f64);
+            if let Some((before, after)) = busy {
+                medians[i].push(
+                    "lanes_busy_per_s",
+                    0,
+                    after.saturating_sub(before) as f64 / sample.seconds,
+                );
+            }
+            crate::phases::push(&mut medians[i], &sample);
             if first_errors[i].is_none() {
                 first_errors[i] = sample.first_error;
             }

@@ -18,6 +18,8 @@ const ONE_CONNECTION_PER_TASK_MAX: usize = 64;
 pub(crate) enum Lib {
     Pgstack(pgstack::Database),
     Raw(String),
+    /// tokio-postgres's own pipelining (`--phases` only).
+    RawShared(String),
     Bb8(Bb8Pool),
     Deadpool(deadpool_postgres::Pool),
     Sqlx(sqlx::PgPool),
@@ -28,6 +30,7 @@ impl Lib {
         match self {
             Lib::Pgstack(_) => PGSTACK,
             Lib::Raw(_) => RAW,
+            Lib::RawShared(_) => RAW_SHARED,
             Lib::Bb8(_) => BB8,
             Lib::Deadpool(_) => DEADPOOL,
             Lib::Sqlx(_) => SQLX,
@@ -57,6 +60,10 @@ impl Lib {
                 for s in seeds {
                     w.push(RawStatement::connect(url, q, s).await?);
                 }
+                load::measure(w, window, true).await
+            }
+            Lib::RawShared(url) => {
+                let w = RawSharedStatement::connect(url, q, tasks).await?;
                 load::measure(w, window, true).await
             }
             Lib::Bb8(pool) => {
@@ -93,16 +100,28 @@ impl Lib {
     }
 }
 
+/// With `--phases`, pgstack's count of statements that found every shared
+/// connection busy and took one of their own.
+pub(crate) fn lanes_busy(lib: &Lib) -> Option<u64> {
+    match lib {
+        Lib::Pgstack(db) if crate::phases::enabled() => Some(db.metrics().cluster.lanes_busy),
+        _ => None,
+    }
+}
+
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
     crate::say("case 2: statements");
     let db = libs::pgstack(libs::pgstack_config(&ctx.url, POOL)?).await?;
-    let libs = vec![
+    let mut libs = vec![
         Lib::Pgstack(db.clone()),
         Lib::Raw(ctx.url.clone()),
         Lib::Bb8(libs::bb8(&ctx.url, POOL).await?),
         Lib::Deadpool(libs::deadpool(&ctx.url, POOL as usize)?),
         Lib::Sqlx(libs::sqlx(&ctx.url, POOL).await?),
     ];
+    if crate::phases::enabled() {
+        libs.push(Lib::RawShared(ctx.url.clone()));
+    }
     let queries = [Query::Select1, Query::Lookup { rows: ctx.rows }];
     crate::pgbench::setup(ctx).await?;
     // Warm every pool and statement cache.
@@ -122,11 +141,20 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                     if tasks > ONE_CONNECTION_PER_TASK_MAX && matches!(lib, Lib::Raw(_)) {
                         continue;
                     }
+                    let busy = lanes_busy(lib);
                     let sample = lib.measure(q, tasks, ctx.window).await?;
+                    if let (Some(before), Some(after)) = (busy, lanes_busy(lib)) {
+                        medians[i].push(
+                            "lanes_busy_per_s",
+                            0,
+                            after.saturating_sub(before) as f64 / sample.seconds,
+                        );
+                    }
                     medians[i].push("ops_per_s", 0, sample.ops_per_s());
                     medians[i].push("p50_us", 1, sample.quantile_us(0.50));
                     medians[i].push("p99_us", 1, sample.quantile_us(0.99));
                     medians[i].push("errors", 0, sample.errors as f64);
+                    crate::phases::push(&mut medians[i], &sample);
                     if first_errors[i].is_none() {
                         first_errors[i] = sample.first_error;
                     }

@@ -171,6 +171,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                 medians[i].push("p50_us", 1, sample.quantile_us(0.50));
                 medians[i].push("p99_us", 1, sample.quantile_us(0.99));
                 medians[i].push("errors", 0, sample.errors as f64);
+                crate::phases::push(&mut medians[i], &sample);
                 if first_errors[i].is_none() {
                     first_errors[i] = sample.first_error;
                 }

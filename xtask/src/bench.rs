@@ -40,6 +40,11 @@ pub(crate) struct BenchArgs {
     /// experiment on the lanes' queueing (needs `--no-markdown`).
     #[arg(long)]
     shared_connections: Option<usize>,
+    /// Split each statement's latency into queued, running and waiting and
+    /// report the means around the median and over the slowest 1 %: an
+    /// experiment on the tails (needs `--no-markdown`).
+    #[arg(long)]
+    phases: bool,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -80,6 +85,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(lanes) = args.shared_connections {
         command.args(["--shared-connections", &lanes.to_string()]);
+    }
+    if args.phases {
+        command.arg("--phases");
     }
     let status = command
         .status()
