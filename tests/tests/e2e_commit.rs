@@ -8,7 +8,8 @@
 //! - resets: one-insert transactions through a proxy that resets every
 //!   connection every 10–60 ms (paced by finished transactions as well);
 //! - kill -9 of the primary mid-load, started again 300 ms later (three
-//!   times);
+//!   times), each kill cutting a `COMMIT` held in flight by a deferred
+//!   trigger;
 //! - a promotion: the primary killed mid-load and its streaming replica
 //!   promoted; the cluster finds the new primary, and a `COMMIT` the new
 //!   primary never saw is `CommitLost`;
@@ -450,6 +451,23 @@ const KILL_PER_TASK: i64 = 60;
 /// load have ended.
 const KILL_AT: [(u64, u64); 3] = [(1, 4), (1, 2), (3, 4)];
 
+/// The writes whose `COMMIT` is in flight at each kill: this one, plus one
+/// per kill.
+const KILL_SLOW_ID: i64 = 9_000_000;
+
+/// A deferred trigger on `ledger` that sleeps in the `COMMIT` of a row of
+/// task 2 while the server runs since the start time `slow_commit_on`
+/// holds: the kill finds that `COMMIT` in flight, and its retry on the
+/// restarted server (a new start time) commits at once.
+const SLOW_COMMIT_ONCE: &str = "CREATE TABLE slow_commit_on (started timestamptz); \
+     INSERT INTO slow_commit_on VALUES (NULL); \
+     CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+     BEGIN IF pg_postmaster_start_time() = (SELECT started FROM slow_commit_on) \
+     THEN PERFORM pg_sleep(60); END IF; RETURN NULL; END $$; \
+     CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger \
+     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.task = 2) \
+     EXECUTE FUNCTION slow_commit()";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
     common::capture_logs();
@@ -460,12 +478,13 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
     tdb.client()
         .await
         .unwrap()
-        .batch_execute(LEDGER_TABLE)
+        .batch_execute(&format!("{LEDGER_TABLE}; {SLOW_COMMIT_ONCE}"))
         .await
         .unwrap();
     let network = network_to(&server).await;
     let mut config = common::config(&network.url(tdb.name()));
-    config.pool.max_size = pool_for_every_task(TASKS);
+    // The writers and the slow transaction of each kill.
+    config.pool.max_size = pool_for_every_task(TASKS + 1);
     // The server is back within a second or two; the deadline (what the
     // retries and a look-up may spend) leaves room for a loaded machine.
     config.retry.deadline = Some(Duration::from_secs(20));
@@ -476,8 +495,28 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
     let faults_over = Arc::new(AtomicBool::new(false));
     let faults = async {
         let mut outages = Vec::new();
-        for (n, d) in KILL_AT {
+        let mut slow = Vec::new();
+        for (k, (n, d)) in (0..).zip(KILL_AT) {
             ended_at_least(&ended, total * n / d).await;
+            // One transaction whose COMMIT sleeps on this run of the server:
+            // every kill finds a COMMIT in flight (at random moments alone,
+            // a kill could find none).
+            let watcher = server.client(tdb.name()).await.unwrap();
+            watcher
+                .batch_execute("UPDATE slow_commit_on SET started = pg_postmaster_start_time()")
+                .await
+                .unwrap();
+            let id = KILL_SLOW_ID + k;
+            let db = db.clone();
+            slow.push((
+                id,
+                tokio::spawn(async move { post_entry_of_task(&db, KILL_OP, id, 2).await }),
+            ));
+            let in_commit = common::eventually(Duration::from_secs(10), || async {
+                commits_running(&watcher).await > 0
+            })
+            .await;
+            assert!(in_commit, "the slow COMMIT of kill {} did not start", k + 1);
             let killed = Instant::now();
             server.kill9().await.unwrap();
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -485,7 +524,7 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
             outages.push(killed.elapsed());
         }
         faults_over.store(true, Ordering::Release);
-        outages
+        (outages, slow)
     };
     let writers = run_load(
         &db,
@@ -495,7 +534,11 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
         &faults_over,
         |db, id| async move { post_entry(&db, KILL_OP, id).await },
     );
-    let (outages, load) = tokio::join!(faults, writers);
+    let ((outages, slow), mut load) = tokio::join!(faults, writers);
+    let slow_ids: Vec<i64> = slow.iter().map(|(id, _)| *id).collect();
+    for (id, call) in slow {
+        load.record(id, call.await.unwrap());
+    }
 
     let counts = common::ledger_counts(&tdb.client().await.unwrap()).await;
     let reconciled = common::reconcile_counts(&counts, &load.ledger);
@@ -504,6 +547,20 @@ async fn commits_interrupted_by_a_kill9_of_the_primary_are_resolved() {
     eprintln!("{scenario}: outages {outages:?}");
     print_counts(scenario, &load, resolved, &reconciled);
     common::assert_reconciled(scenario, &load.ledger, reconciled);
+    // Each kill cut a COMMIT: looked up, found rolled back, run again on the
+    // restarted server and acknowledged.
+    assert!(
+        resolved.aborted >= KILL_AT.len() as u64,
+        "{scenario}: every kill interrupts a COMMIT: {resolved:?}"
+    );
+    for id in &slow_ids {
+        assert!(
+            load.ledger.ok.contains(id) && counts.get(id) == Some(&1),
+            "{scenario}: the transaction whose COMMIT a kill cut ({id}) is acknowledged, \
+             once: {:?}",
+            counts.get(id)
+        );
+    }
     assert!(
         load.commit_lost.is_empty(),
         "{scenario}: the same server came back with its log: nothing is lost"
