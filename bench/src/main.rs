@@ -87,6 +87,11 @@ struct Args {
     /// only. The timing wrapper costs every library alike.
     #[arg(long)]
     phases: bool,
+    /// Runs without a metrics recorder (every `metrics` handle a no-op),
+    /// to measure what recording the figures costs each library: an
+    /// experiment, written to the JSON only.
+    #[arg(long)]
+    no_metrics_recorder: bool,
 }
 
 /// What every case needs.
@@ -129,6 +134,12 @@ fn main() -> anyhow::Result<()> {
              defaults: add --no-markdown (the figures go to the JSON only)"
         );
     }
+    if args.no_metrics_recorder && !args.no_markdown {
+        anyhow::bail!(
+            "--no-metrics-recorder is an experiment and docs/benchmarks.md holds runs with the \
+             recorder a service would install: add --no-markdown (the figures go to the JSON only)"
+        );
+    }
     if args.phases && !args.no_markdown {
         anyhow::bail!(
             "--phases is an experiment (its timing wrapper slows every call) and \
@@ -153,7 +164,11 @@ fn main() -> anyhow::Result<()> {
     let criterion_dir = absolute(&args.criterion_dir);
     let loadavg_start = loadavg();
     let started_at = utc_now();
-    init_observability(&root.join("target/bench/tracing.log"), &args.trace_level)?;
+    init_observability(
+        &root.join("target/bench/tracing.log"),
+        &args.trace_level,
+        !args.no_metrics_recorder,
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -256,6 +271,9 @@ async fn run(
     if args.phases {
         machine.insert("phases".into(), Value::from(true));
     }
+    if args.no_metrics_recorder {
+        machine.insert("metrics_recorder".into(), Value::from(false));
+    }
     machine.insert("repeats".into(), Value::from(ctx.repeats));
     machine.insert(
         "window".into(),
@@ -293,7 +311,7 @@ async fn setup(cluster: &TestCluster, rows: i64, root: &Path) -> anyhow::Result<
 
 /// A tracing subscriber (to a file) and a Prometheus metrics recorder, as
 /// a service would run pgstack.
-fn init_observability(log: &Path, level: &str) -> anyhow::Result<()> {
+fn init_observability(log: &Path, level: &str, recorder: bool) -> anyhow::Result<()> {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -304,9 +322,11 @@ fn init_observability(log: &Path, level: &str) -> anyhow::Result<()> {
         .with_ansi(false)
         .try_init()
         .map_err(|e| anyhow::anyhow!("installing the tracing subscriber: {e}"))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the Prometheus recorder")?;
+    if recorder {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("installing the Prometheus recorder")?;
+    }
     Ok(())
 }
 

@@ -45,6 +45,10 @@ pub(crate) struct BenchArgs {
     /// experiment on the tails (needs `--no-markdown`).
     #[arg(long)]
     phases: bool,
+    /// Run without a metrics recorder, to measure what recording the
+    /// figures costs (needs `--no-markdown`).
+    #[arg(long)]
+    no_metrics_recorder: bool,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -88,6 +92,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.phases {
         command.arg("--phases");
+    }
+    if args.no_metrics_recorder {
+        command.arg("--no-metrics-recorder");
     }
     let status = command
         .status()
