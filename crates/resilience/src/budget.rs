@@ -1,6 +1,7 @@
 //! A retry budget shared across calls.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,6 +23,13 @@ const UNIT: i64 = 1000;
 /// reserve: when every call fails, load grows by at most 20 % instead of by
 /// `max_attempts`.
 ///
+/// A deposit takes no lock: every call makes one, so a lock there would be
+/// taken by every call of every task sharing the budget. Deposits gather in
+/// one atomic sum and go into the current bucket when the lock is next taken
+/// (a withdrawal, a look at what is available, or the first deposit of a
+/// new bucket); one that races with that may be filed a bucket late, and
+/// then lives up to a tenth of the window longer.
+///
 /// ```
 /// use std::time::Duration;
 /// use pgstack_resilience::RetryBudget;
@@ -38,6 +46,10 @@ pub struct RetryBudget {
     reserve: i64,
     bucket_width: Duration,
     origin: Instant,
+    /// The newest bucket's index, as of the last time the lock was taken.
+    head: AtomicU64,
+    /// Deposits made while `head` was current, not yet in a bucket.
+    pending: AtomicI64,
     state: Mutex<Buckets>,
 }
 
@@ -66,6 +78,8 @@ impl RetryBudget {
             reserve,
             bucket_width: window / BUCKETS as u32,
             origin: Instant::now(),
+            head: AtomicU64::new(0),
+            pending: AtomicI64::new(0),
             state: Mutex::new(Buckets {
                 head: 0,
                 amounts: [0; BUCKETS],
@@ -83,6 +97,11 @@ impl RetryBudget {
         if self.deposit == 0 {
             return;
         }
+        if bucket_index(now, self.origin, self.bucket_width) <= self.head.load(Ordering::Acquire) {
+            self.pending.fetch_add(self.deposit, Ordering::AcqRel);
+            return;
+        }
+        // The first deposit of a new bucket moves the buckets on.
         self.with_buckets(now, |b| {
             b.add(self.deposit);
         });
@@ -116,7 +135,12 @@ impl RetryBudget {
         // The critical section never panics, so a poisoned lock still holds
         // consistent numbers.
         let mut buckets = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Deposits made while the head was current belong to it, before
+        // the buckets move on.
+        let pending = self.pending.swap(0, Ordering::AcqRel);
+        buckets.add(pending);
         buckets.advance(index);
+        self.head.store(buckets.head, Ordering::Release);
         f(&mut buckets)
     }
 }
@@ -178,6 +202,40 @@ mod tests {
         assert_eq!(budget.available(), 2, "deposits live for the whole window");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(budget.available(), 0, "deposits expire after the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_from_many_threads_are_all_counted_and_expire_with_the_window() {
+        let budget = std::sync::Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.5));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let budget = std::sync::Arc::clone(&budget);
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        budget.deposit_at(budget.origin);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert!(thread.join().is_ok());
+        }
+        assert_eq!(budget.available(), 1000, "2,000 deposits of half a retry");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(budget.available(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deposit_in_a_new_bucket_moves_the_window_on() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0);
+        budget.deposit(); // bucket 0, lock-free
+        tokio::time::advance(Duration::from_secs(5)).await;
+        budget.deposit(); // bucket 5: files bucket 0's deposit, then its own
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Bucket 0 has expired; bucket 5's deposit is still there.
+        assert_eq!(budget.available(), 1);
+        assert!(budget.try_withdraw());
+        assert!(!budget.try_withdraw());
     }
 
     #[tokio::test(start_paused = true)]
