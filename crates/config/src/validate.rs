@@ -292,6 +292,23 @@ pub(crate) fn check(config: &DatabaseConfig, source_of: &dyn Fn(&str) -> Source)
         );
     }
 
+    if let Some(shared) = query.shared_connections
+        && pool.max_size > 0
+        && shared >= pool.max_size
+    {
+        let max_source = source_of("pool.max_size");
+        c.fail(
+            "query.shared_connections",
+            shared.to_string(),
+            format!(
+                "must be below pool.max_size ({}, from {max_source}) so that transactions and \
+                 long statements can still get a connection; lower it (0: a connection per \
+                 statement) or raise pool.max_size",
+                pool.max_size
+            ),
+        );
+    }
+
     // Retry.
     let retry = &config.retry;
     c.at_least_one(

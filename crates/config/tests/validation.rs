@@ -661,3 +661,23 @@ fn telemetry_query_text_is_a_boolean_per_profile_and_reported_with_its_source() 
         &env("PGSTACK_TELEMETRY__QUERY_TEXT")
     );
 }
+
+#[test]
+fn shared_connections_at_or_above_max_size_names_both_sources() {
+    let file = toml("[default]\nquery.shared_connections = 8\n");
+    let error = fails(load_file(&file, &[("PGSTACK_POOL__MAX_SIZE", "8")]));
+    let p = problem(&error, "query.shared_connections");
+    assert_eq!(p.source, at_line(&file, 2));
+    assert_eq!(p.value.as_deref(), Some("8"));
+    assert!(
+        p.message
+            .contains("pool.max_size (8, from env PGSTACK_POOL__MAX_SIZE)"),
+        "{p}"
+    );
+    assert!(p.message.contains("0: a connection per statement"), "{p}");
+    // Below it, and zero, are fine; a negative count is not a count.
+    let file = toml("[default]\nquery.shared_connections = 0\n");
+    let config = load_file(&file, &[("PGSTACK_POOL__MAX_SIZE", "8")]).unwrap();
+    assert_eq!(config.config().query.shared_connections, Some(0));
+    file_problem("query.shared_connections = -1", "query.shared_connections");
+}

@@ -632,3 +632,72 @@ async fn an_open_breaker_and_an_exhausted_pool_fail_with_their_cause() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_shared_connections_decide_whether_statements_share() {
+    let db = TestDb::new().await.unwrap();
+    let mut config = common::config(db.url());
+    config.pool.max_size = 6;
+
+    // 0 in the configuration: every statement checks out a connection.
+    config.query.shared_connections = Some(0);
+    let cluster = Cluster::connect(&config).await.unwrap();
+    let statements = |cluster: Cluster| async move {
+        let mut tasks = Vec::new();
+        for task in 0..4_i32 {
+            let cluster = cluster.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..10_i32 {
+                    let row = cluster
+                        .query_one("echo", Route::Write, "SELECT $1::int + $2", &[&task, &i])
+                        .await
+                        .unwrap();
+                    assert_eq!(row.get::<_, i32>(0), task + i);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    let before = cluster.primary().pool().status().acquired;
+    statements(cluster.clone()).await;
+    let checkouts = cluster.primary().pool().status().acquired - before;
+    assert!(checkouts >= 40, "{checkouts} checkouts for 40 statements");
+    cluster.close(Duration::from_secs(2)).await;
+
+    // The code's choice wins over the configuration's.
+    let cluster = Cluster::builder(&config)
+        .shared_connections(2)
+        .busy_after(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    cluster
+        .query_one(
+            "echo",
+            Route::Write,
+            "SELECT $1::int + $2",
+            &[&0_i32, &0_i32],
+        )
+        .await
+        .unwrap();
+    let before = cluster.primary().pool().status().acquired;
+    statements(cluster.clone()).await;
+    let checkouts = cluster.primary().pool().status().acquired - before;
+    let metrics = cluster.metrics();
+    assert!(
+        checkouts <= 4 + metrics.lanes_busy + metrics.long_statements,
+        "{checkouts} checkouts for 40 statements on 2 shared connections: {metrics:?}"
+    );
+    cluster.close(Duration::from_secs(2)).await;
+
+    // As many as the pool holds would leave transactions nothing.
+    config.query.shared_connections = Some(6);
+    let error = Cluster::connect(&config).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("query.shared_connections") && text.contains("pool.max_size"),
+        "{text}"
+    );
+}

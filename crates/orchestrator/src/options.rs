@@ -25,8 +25,8 @@ pub struct StartOptions {
     /// ready (default: on).
     pub warm_up: bool,
     /// Shared (pipelined) connections per node, as
-    /// `ClusterBuilder::shared_connections`; `None` keeps the cluster's
-    /// default.
+    /// `ClusterBuilder::shared_connections`; `None` keeps
+    /// `query.shared_connections`, else the cluster's default.
     pub shared_connections: Option<usize>,
 }
 

@@ -14,8 +14,9 @@ pub struct ClusterBuilder {
 
 impl ClusterBuilder {
     /// Shared (pipelined) connections per node for autocommit statements;
-    /// 0 gives every statement a connection of its own. Default: a quarter
-    /// of `pool.max_size`, between 1 and 4 (none when `max_size` is below 3).
+    /// 0 gives every statement a connection of its own. Default:
+    /// `query.shared_connections` when set, else a quarter of
+    /// `pool.max_size`, between 1 and 4 (none when `max_size` is below 3).
     pub fn shared_connections(mut self, per_node: usize) -> Self {
         self.lanes = Some(per_node);
         self
@@ -58,13 +59,18 @@ impl ClusterBuilder {
         let config = &self.config;
         let retry =
             RetryPolicy::from_settings(&config.retry).map_err(|e| Error::Config(e.to_string()))?;
-        let lanes = self
-            .lanes
-            .unwrap_or_else(|| Self::default_lanes(config.pool.max_size));
+        let (lanes, from) = match (self.lanes, config.query.shared_connections) {
+            (Some(lanes), _) => (lanes, "shared_connections (set in code)"),
+            (None, Some(lanes)) => (lanes as usize, "query.shared_connections"),
+            (None, None) => (
+                Self::default_lanes(config.pool.max_size),
+                "shared_connections",
+            ),
+        };
         if lanes >= config.pool.max_size as usize {
             return Err(Error::Config(format!(
-                "shared_connections = {lanes} must be below pool.max_size = {} so that \
-                 transactions can still get a connection",
+                "{from} = {lanes} must be below pool.max_size = {} so that transactions can \
+                 still get a connection",
                 config.pool.max_size
             )));
         }
