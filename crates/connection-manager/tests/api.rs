@@ -351,17 +351,31 @@ async fn closures_and_raw_connections() {
     assert_eq!(count(&cluster).await, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statements_share_pipelined_connections() {
-    let db = TestDb::new().await.unwrap();
-    let mut config = common::config(db.url());
-    config.pool.max_size = 10;
-    // What is measured here is sharing, not the busy threshold (the
-    // head-of-line tests of e2e_misuse.rs cover that): with the default 5 ms,
-    // a machine so loaded that the client reads no reply for 5 ms sends
-    // statements to connections of their own (3 CPU hogs on 2 cores: up to
-    // 554 of 3200).
-    let cluster = Cluster::builder(&config)
+/// `tasks` tasks of `per_task` statements each, at once, every answer
+/// checked.
+async fn echo_statements(cluster: &Cluster, tasks: i32, per_task: i32) {
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let cluster = cluster.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let row = cluster
+                    .query_one("echo", Route::Write, "SELECT $1::int + $2", &[&task, &i])
+                    .await
+                    .unwrap();
+                assert_eq!(row.get::<_, i32>(0), task + i);
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
+
+/// A cluster with two shared connections per node (set in code) whose echo
+/// statement has run once.
+async fn on_two_shared_connections(config: &pgstack_config::DatabaseConfig) -> Cluster {
+    let cluster = Cluster::builder(config)
         .shared_connections(2)
         .busy_after(Duration::from_secs(1))
         .build()
@@ -378,23 +392,22 @@ async fn statements_share_pipelined_connections() {
         )
         .await
         .unwrap();
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_share_pipelined_connections() {
+    let db = TestDb::new().await.unwrap();
+    let mut config = common::config(db.url());
+    config.pool.max_size = 10;
+    // What is measured here is sharing, not the busy threshold (the
+    // head-of-line tests of e2e_misuse.rs cover that): with the default 5 ms,
+    // a machine so loaded that the client reads no reply for 5 ms sends
+    // statements to connections of their own (3 CPU hogs on 2 cores: up to
+    // 554 of 3200).
+    let cluster = on_two_shared_connections(&config).await;
     let before = cluster.primary().pool().status().acquired;
-    let mut tasks = Vec::new();
-    for task in 0..64_i32 {
-        let cluster = cluster.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..50_i32 {
-                let row = cluster
-                    .query_one("echo", Route::Write, "SELECT $1::int + $2", &[&task, &i])
-                    .await
-                    .unwrap();
-                assert_eq!(row.get::<_, i32>(0), task + i);
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    echo_statements(&cluster, 64, 50).await;
     // 3200 statements, a handful of checkouts: the two shared connections
     // (each with its role check) carried them.
     // (A statement that finds both busy, as on a machine so loaded that no
@@ -642,48 +655,16 @@ async fn the_configured_shared_connections_decide_whether_statements_share() {
     // 0 in the configuration: every statement checks out a connection.
     config.query.shared_connections = Some(0);
     let cluster = Cluster::connect(&config).await.unwrap();
-    let statements = |cluster: Cluster| async move {
-        let mut tasks = Vec::new();
-        for task in 0..4_i32 {
-            let cluster = cluster.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..10_i32 {
-                    let row = cluster
-                        .query_one("echo", Route::Write, "SELECT $1::int + $2", &[&task, &i])
-                        .await
-                        .unwrap();
-                    assert_eq!(row.get::<_, i32>(0), task + i);
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-    };
     let before = cluster.primary().pool().status().acquired;
-    statements(cluster.clone()).await;
+    echo_statements(&cluster, 4, 10).await;
     let checkouts = cluster.primary().pool().status().acquired - before;
     assert!(checkouts >= 40, "{checkouts} checkouts for 40 statements");
     cluster.close(Duration::from_secs(2)).await;
 
     // The code's choice wins over the configuration's.
-    let cluster = Cluster::builder(&config)
-        .shared_connections(2)
-        .busy_after(Duration::from_secs(1))
-        .build()
-        .await
-        .unwrap();
-    cluster
-        .query_one(
-            "echo",
-            Route::Write,
-            "SELECT $1::int + $2",
-            &[&0_i32, &0_i32],
-        )
-        .await
-        .unwrap();
+    let cluster = on_two_shared_connections(&config).await;
     let before = cluster.primary().pool().status().acquired;
-    statements(cluster.clone()).await;
+    echo_statements(&cluster, 4, 10).await;
     let checkouts = cluster.primary().pool().status().acquired - before;
     let metrics = cluster.metrics();
     assert!(
