@@ -503,7 +503,8 @@ pub struct QuerySettings {
     #[serde(with = "humantime_serde")]
     pub read_after_wait: Duration,
     /// Shared (pipelined) connections per node for autocommit statements,
-    /// taken from the node's pool; absent: a quarter of `pool.max_size`,
+    /// taken from the node's pool; absent (`auto` in a file or variable,
+    /// shown so): a quarter of `pool.max_size`,
     /// between 1 and 4 (none below 3 connections). `0` gives every statement
     /// a pooled connection of its own: a pool's tail latency under load, at
     /// about half the throughput of pipelining (docs/benchmarks.md). Must be

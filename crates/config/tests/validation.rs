@@ -681,3 +681,33 @@ fn shared_connections_at_or_above_max_size_names_both_sources() {
     assert_eq!(config.config().query.shared_connections, Some(0));
     file_problem("query.shared_connections = -1", "query.shared_connections");
 }
+
+#[test]
+fn shared_connections_left_out_or_auto_is_shown_as_auto() {
+    // Absent, it is chosen from pool.max_size: shown as `auto`, not `none`
+    // (which would read as "no shared connections").
+    let file = toml("[default]\npool.max_size = 8\n");
+    let explained = load_file(&file, &[]).unwrap();
+    assert_eq!(explained.config().query.shared_connections, None);
+    let entry = explained.entry("query.shared_connections").unwrap();
+    assert_eq!(entry.value(), "auto");
+    // Written as `auto`, in the file or the environment: the same.
+    let file = toml("[default]\nquery.shared_connections = \"auto\"\n");
+    let explained = load_file(&file, &[]).unwrap();
+    assert_eq!(explained.config().query.shared_connections, None);
+    assert_eq!(
+        explained.entry("query.shared_connections").unwrap().value(),
+        "auto"
+    );
+    let explained = load_env(&[("PGSTACK_QUERY__SHARED_CONNECTIONS", "auto")]).unwrap();
+    assert_eq!(explained.config().query.shared_connections, None);
+    // Anything else that is not a count is refused with its source.
+    let p = env_problem(
+        "PGSTACK_QUERY__SHARED_CONNECTIONS",
+        "lots",
+        "query.shared_connections",
+    );
+    assert_eq!(p.value.as_deref(), Some("lots"));
+    assert!(p.message.contains("whole number"), "{p}");
+    assert!(p.message.contains("\"auto\""), "{p}");
+}

@@ -67,6 +67,10 @@ pub(super) const OPTIONAL_KEYS: [&str; 6] = [
     "tls.root_cert",
 ];
 
+/// Keys whose absence means "chosen automatically": shown as `auto`, and
+/// `auto` may be written for them.
+pub(super) const AUTOMATIC_KEYS: [&str; 1] = ["query.shared_connections"];
+
 /// The keys of a node table.
 pub(super) const NODE_KEYS: [&str; 6] = ["url", "host", "port", "database", "user", "password"];
 
@@ -220,6 +224,7 @@ pub(super) fn render(key: &str, value: &Value) -> String {
                 "?".to_owned()
             }
         }
+        Value::Empty(..) if AUTOMATIC_KEYS.contains(&key) => "auto".to_owned(),
         Value::Empty(..) => "none".to_owned(),
         Value::Dict(_, dict) => {
             let inner: Vec<String> = dict
@@ -335,6 +340,13 @@ pub(super) fn normalize(layer: &mut Layer, problems: &mut Vec<Problem>) {
     }
     if let Some(Value::String(_, mode)) = get_path_mut(&mut layer.dict, "tls.mode") {
         *mode = libpq_sslmode(mode);
+    }
+    for key in AUTOMATIC_KEYS {
+        if let Some(value) = get_path_mut(&mut layer.dict, key)
+            && matches!(value, Value::String(_, s) if s.trim().eq_ignore_ascii_case("auto"))
+        {
+            *value = Value::from(Empty::None);
+        }
     }
     for key in OPTIONAL_KEYS {
         if let Some(value) = get_path_mut(&mut layer.dict, key) {

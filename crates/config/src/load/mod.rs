@@ -18,8 +18,8 @@ use serde::Serialize;
 pub use self::explain::{Entry, Explained};
 use self::file::ConfigFile;
 use self::layer::{
-    Layer, LayerProvider, OPTIONAL_KEYS, Origin, closest, get_path, is_secret_key, leaves, merge,
-    normalize, parent, remove_path, render, set_path,
+    AUTOMATIC_KEYS, Layer, LayerProvider, OPTIONAL_KEYS, Origin, closest, get_path, is_secret_key,
+    leaves, merge, normalize, parent, remove_path, render, set_path,
 };
 use crate::environment::Environment;
 use crate::problem::{ConfigError, Problem, Source};
@@ -744,6 +744,9 @@ fn problem_from(
             };
             if is_duration_key(&key) {
                 message.push_str("; write durations like \"250ms\", \"5s\" or \"10m\"");
+            }
+            if AUTOMATIC_KEYS.contains(&key.as_str()) {
+                message.push_str(", or \"auto\" (or leave it out) to have it chosen");
             }
             (key, message)
         }
