@@ -253,64 +253,51 @@ impl Worker for PgstackStatement {
     }
 }
 
-/// One client per task, prepared once: no pool at all.
-pub(crate) struct RawStatement {
+/// A connected client and its prepared statement.
+pub(crate) struct Prepared {
     pub(crate) client: Client,
     pub(crate) statement: Statement,
+}
+
+impl Prepared {
+    async fn connect(url: &str, q: Query) -> anyhow::Result<std::sync::Arc<Prepared>> {
+        let client = raw(url).await?;
+        let statement = client.prepare(q.sql()).await?;
+        Ok(std::sync::Arc::new(Prepared { client, statement }))
+    }
+}
+
+/// Raw tokio-postgres, prepared once, no pool: a client of its own
+/// ([`RawStatement::connect`]), or one shared with other tasks, which
+/// tokio-postgres pipelines on its one connection ([`RawStatement::shared`]).
+pub(crate) struct RawStatement {
+    pub(crate) prepared: std::sync::Arc<Prepared>,
     pub(crate) q: Query,
     pub(crate) ids: Ids,
 }
 
 impl RawStatement {
     pub(crate) async fn connect(url: &str, q: Query, seed: u64) -> anyhow::Result<RawStatement> {
-        let client = raw(url).await?;
-        let statement = client.prepare(q.sql()).await?;
         Ok(RawStatement {
-            client,
-            statement,
+            prepared: Prepared::connect(url, q).await?,
             q,
             ids: Ids::new(seed),
         })
     }
-}
 
-impl Worker for RawStatement {
-    async fn call(&mut self) -> anyhow::Result<()> {
-        let row = match self.q {
-            Query::Select1 => self.client.query_one(&self.statement, &[]).await?,
-            Query::Lookup { rows } => {
-                let id = self.ids.next(rows);
-                self.client.query_one(&self.statement, &[&id]).await?
-            }
-        };
-        check_pg_row(self.q, &row)
-    }
-}
-
-/// A client shared by several tasks (tokio-postgres pipelines their
-/// statements on its one connection), prepared once.
-pub(crate) struct RawSharedStatement {
-    pub(crate) client: std::sync::Arc<(Client, Statement)>,
-    pub(crate) q: Query,
-    pub(crate) ids: Ids,
-}
-
-impl RawSharedStatement {
     /// `tasks` workers over [`RAW_SHARED_CLIENTS`] clients.
-    pub(crate) async fn connect(
+    pub(crate) async fn shared(
         url: &str,
         q: Query,
         tasks: usize,
-    ) -> anyhow::Result<Vec<RawSharedStatement>> {
+    ) -> anyhow::Result<Vec<RawStatement>> {
         let mut clients = Vec::with_capacity(RAW_SHARED_CLIENTS);
         for _ in 0..RAW_SHARED_CLIENTS {
-            let client = raw(url).await?;
-            let statement = client.prepare(q.sql()).await?;
-            clients.push(std::sync::Arc::new((client, statement)));
+            clients.push(Prepared::connect(url, q).await?);
         }
         Ok((0..tasks)
-            .map(|i| RawSharedStatement {
-                client: std::sync::Arc::clone(&clients[i % RAW_SHARED_CLIENTS]),
+            .map(|i| RawStatement {
+                prepared: std::sync::Arc::clone(&clients[i % RAW_SHARED_CLIENTS]),
                 q,
                 ids: Ids::new(i as u64),
             })
@@ -318,9 +305,9 @@ impl RawSharedStatement {
     }
 }
 
-impl Worker for RawSharedStatement {
+impl Worker for RawStatement {
     async fn call(&mut self) -> anyhow::Result<()> {
-        let (client, statement) = &*self.client;
+        let Prepared { client, statement } = &*self.prepared;
         let row = match self.q {
             Query::Select1 => client.query_one(statement, &[]).await?,
             Query::Lookup { rows } => {
@@ -343,7 +330,11 @@ pub(crate) struct RawReconnecting {
 
 impl Worker for RawReconnecting {
     async fn call(&mut self) -> anyhow::Result<()> {
-        if self.current.as_ref().is_none_or(|c| c.client.is_closed()) {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|c| c.prepared.client.is_closed())
+        {
             self.current = None;
             self.seed += 1;
             self.current = Some(RawStatement::connect(&self.url, self.q, self.seed).await?);

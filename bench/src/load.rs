@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
 
 use crate::phases::{self, CallPhases, Threads, Timed};
-use tokio::task::JoinHandle;
 
 /// One task's view of a library: one call (a checkout, a statement).
 pub(crate) trait Worker: Send + 'static {
@@ -190,6 +190,9 @@ pub(crate) struct Sample {
     pub(crate) phases: Vec<CallPhases>,
     /// The process's threads over the window (with `--phases`).
     pub(crate) threads: Threads,
+    /// pgstack's statements that found every shared connection busy and
+    /// took one of their own (with `--phases`; set by the caller).
+    pub(crate) lanes_busy: Option<u64>,
 }
 
 impl Sample {
@@ -236,6 +239,7 @@ pub(crate) async fn measure<W: Worker>(
         first_error: None,
         phases: Vec::new(),
         threads,
+        lanes_busy: None,
     };
     for outcome in outcomes {
         sample.ops += outcome.ops;

@@ -94,9 +94,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                 .collect();
             // The slow statements are running before the window opens.
             tokio::time::sleep(Duration::from_millis(60)).await;
-            let busy = crate::statements::lanes_busy(lib);
             let sample = lib.measure(Query::Select1, FAST_TASKS, ctx.window).await;
-            let busy = busy.zip(crate::statements::lanes_busy(lib));
             stop.store(true, Ordering::Relaxed);
             let mut slow_done = 0;
             for task in slow {
@@ -108,13 +106,6 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
             medians[i].push("p99_us", 1, sample.quantile_us(0.99));
             medians[i].push("slow_per_s", 1, slow_done as f64 / sample.seconds);
             medians[i].push("errors", 0, sample.errors as f64);
-            if let Some((before, after)) = busy {
-                medians[i].push(
-                    "lanes_busy_per_s",
-                    0,
-                    after.saturating_sub(before) as f64 / sample.seconds,
-                );
-            }
             crate::phases::push(&mut medians[i], &sample);
             if first_errors[i].is_none() {
                 first_errors[i] = sample.first_error;

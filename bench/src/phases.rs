@@ -268,7 +268,8 @@ pub(crate) fn mean_between(calls: &[CallPhases], from: f64, to: f64) -> Option<[
 /// Adds a sample's phases to `m` (when they were recorded): the calls
 /// around the median (p45–p55) and the slowest 1 % (p99–p100), each as mean
 /// latency, queued, running and waiting µs and polls; and the process's
-/// threads' running and waiting-for-a-core time per second of the window.
+/// threads' running and waiting-for-a-core time per second of the window,
+/// the server's, and pgstack's statements that found every lane busy.
 pub(crate) fn push(m: &mut crate::report::Medians, sample: &crate::load::Sample) {
     if sample.phases.is_empty() {
         return;
@@ -314,6 +315,9 @@ pub(crate) fn push(m: &mut crate::report::Medians, sample: &crate::load::Sample)
         0,
         sample.threads.server_preempted as f64 / sample.seconds,
     );
+    if let Some(busy) = sample.lanes_busy {
+        m.push("lanes_busy_per_s", 0, busy as f64 / sample.seconds);
+    }
 }
 
 #[cfg(test)]

@@ -53,7 +53,13 @@ impl Lib {
                         ids: Ids::new(s),
                     })
                     .collect();
-                load::measure(w, window, true).await
+                let busy = || db.metrics().cluster.lanes_busy;
+                let before = busy();
+                let mut sample = load::measure(w, window, true).await?;
+                if crate::phases::enabled() {
+                    sample.lanes_busy = Some(busy().saturating_sub(before));
+                }
+                Ok(sample)
             }
             Lib::Raw(url) => {
                 let mut w = Vec::with_capacity(tasks);
@@ -63,7 +69,7 @@ impl Lib {
                 load::measure(w, window, true).await
             }
             Lib::RawShared(url) => {
-                let w = RawSharedStatement::connect(url, q, tasks).await?;
+                let w = RawStatement::shared(url, q, tasks).await?;
                 load::measure(w, window, true).await
             }
             Lib::Bb8(pool) => {
@@ -100,15 +106,6 @@ impl Lib {
     }
 }
 
-/// With `--phases`, pgstack's count of statements that found every shared
-/// connection busy and took one of their own.
-pub(crate) fn lanes_busy(lib: &Lib) -> Option<u64> {
-    match lib {
-        Lib::Pgstack(db) if crate::phases::enabled() => Some(db.metrics().cluster.lanes_busy),
-        _ => None,
-    }
-}
-
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
     crate::say("case 2: statements");
     let db = libs::pgstack(libs::pgstack_config(&ctx.url, POOL)?).await?;
@@ -141,15 +138,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Entry>> {
                     if tasks > ONE_CONNECTION_PER_TASK_MAX && matches!(lib, Lib::Raw(_)) {
                         continue;
                     }
-                    let busy = lanes_busy(lib);
                     let sample = lib.measure(q, tasks, ctx.window).await?;
-                    if let (Some(before), Some(after)) = (busy, lanes_busy(lib)) {
-                        medians[i].push(
-                            "lanes_busy_per_s",
-                            0,
-                            after.saturating_sub(before) as f64 / sample.seconds,
-                        );
-                    }
                     medians[i].push("ops_per_s", 0, sample.ops_per_s());
                     medians[i].push("p50_us", 1, sample.quantile_us(0.50));
                     medians[i].push("p99_us", 1, sample.quantile_us(0.99));
